@@ -1,0 +1,277 @@
+"""In-process fan-out of task events to stream subscribers.
+
+Design (see the performance issue for the numbers behind it):
+
+* An event's SSE bytes are encoded once, by the publisher, and shared by every subscriber.
+* ``publish`` may be called from any thread. Events go into one FIFO and are fanned out on the
+  event loop, one loop hop per burst of publishes (not per subscriber); a publish made on the loop
+  thread drains the FIFO in place, so events are fanned out strictly in publish order.
+* A subscriber is a bounded list of pending events plus one waiter future. Publishing never awaits:
+  when a subscriber's buffer is full it is coalesced to the newest event per task (so versions may
+  skip, a stale snapshot never follows a newer one, and a terminal snapshot, being the last of its
+  task, is never dropped).
+* One heartbeat loop marks quiet subscribers instead of a timer per stream.
+* A bounded per-task history serves ``Last-Event-ID`` replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+
+from .models import Task, TaskStatus
+
+__all__ = ["Event", "EventBus", "Subscriber", "encode_json", "removed_frame"]
+
+logger = logging.getLogger(__name__)
+
+
+def encode_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _frame(data: str, event: str, event_id: str | None = None) -> bytes:
+    return ServerSentEvent(data=data, event=event, id=event_id, sep="\n").encode()
+
+
+def removed_frame(task_id: str) -> bytes:
+    return _frame(encode_json({"task_id": task_id}), "removed")
+
+
+class Event:
+    """One change, encoded once. ``frame`` carries ``id: <version>`` (per-task streams);
+    ``frame_all`` is the same event without an id (all-tasks stream)."""
+
+    __slots__ = ("kind", "task_id", "task_type", "status", "version", "terminal", "task", "frame", "frame_all")
+
+    def __init__(
+        self,
+        kind: str,
+        task_id: str,
+        task_type: str,
+        status: TaskStatus,
+        version: int,
+        task: dict[str, Any] | None,
+        frame: bytes,
+        frame_all: bytes,
+    ) -> None:
+        self.kind = kind
+        self.task_id = task_id
+        self.task_type = task_type
+        self.status = status
+        self.version = version
+        self.terminal = kind == "task" and status.is_terminal
+        self.task = task
+        self.frame = frame
+        self.frame_all = frame_all
+
+    @classmethod
+    def for_task(cls, task: Task) -> Event:
+        body = task.to_dict()
+        frame_all = _frame(encode_json(body), "task")
+        frame = b"id: %d\n" % task.version + frame_all
+        return cls("task", task.task_id, task.task_type, task.status, task.version, body, frame, frame_all)
+
+    @classmethod
+    def removed(cls, task: Task) -> Event:
+        frame = removed_frame(task.task_id)
+        return cls("removed", task.task_id, task.task_type, task.status, task.version, None, frame, frame)
+
+
+class Subscriber:
+    """A bounded buffer of pending events plus one waiter. Touched only on the event loop."""
+
+    __slots__ = ("topic", "maxsize", "events", "waiter", "closed", "ping_due", "last_send", "coalesced", "_loop")
+
+    def __init__(self, topic: str | None, maxsize: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.topic = topic  # a task id, or None for every task
+        self.maxsize = maxsize
+        self.events: list[Event] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.ping_due = False
+        self.last_send = loop.time()
+        self.coalesced = 0
+        self._loop = loop
+
+    def push(self, event: Event) -> int:
+        """Queue an event; returns how many pending events were coalesced away."""
+        if self.closed:
+            return 0
+        events = self.events
+        dropped = 0
+        if len(events) >= self.maxsize:
+            newest: dict[str, Event] = {}
+            for pending in events:
+                newest[pending.task_id] = pending
+            newest[event.task_id] = event
+            self.events = list(newest.values())
+            dropped = len(events) + 1 - len(self.events)
+            self.coalesced += dropped
+        else:
+            events.append(event)
+        self._wake()
+        return dropped
+
+    def ping(self) -> None:
+        self.ping_due = True
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> list[Event]:
+        events = self.events
+        self.events = []
+        self.ping_due = False
+        self.last_send = self._loop.time()
+        return events
+
+    async def wait(self) -> None:
+        """Return once there is something to send (events or a ping) or the subscriber closed."""
+        if self.events or self.ping_due or self.closed:
+            return
+        waiter = self._loop.create_future()
+        self.waiter = waiter
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+
+class EventBus:
+    def __init__(self, history: int = 256, queue_size: int = 64) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._history_len = history
+        self._queue_size = queue_size
+        self._pending: deque[Event] = deque()
+        self._drain_scheduled = False
+        self._by_task: dict[str, set[Subscriber]] = {}
+        self._all: set[Subscriber] = set()
+        self._history: dict[str, deque[Event]] = {}
+        self._closed = False
+        self.open_streams = 0
+        # Plain ints, read by the metrics collector at scrape time: no per-event metric locks.
+        self.published = 0
+        self.delivered = 0
+        self.coalesced = 0
+
+    # -- publishing (any thread) ------------------------------------------------------------
+    def publish(self, event: Event) -> None:
+        self._pending.append(event)
+        if threading.get_ident() == self._loop_thread:
+            self._drain()
+        elif not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+                logger.debug("event dropped after shutdown", extra={"task_id": event.task_id})
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        pending = self._pending
+        while pending:
+            try:
+                event = pending.popleft()
+            except IndexError:
+                break
+            self._fanout(event)
+
+    def _fanout(self, event: Event) -> None:
+        self.published += 1
+        if event.kind == "task":
+            history = self._history.get(event.task_id)
+            if history is None:
+                history = self._history[event.task_id] = deque(maxlen=self._history_len)
+            history.append(event)
+        else:
+            self._history.pop(event.task_id, None)
+        dropped = 0
+        subscribers = self._by_task.get(event.task_id)
+        if subscribers:
+            for subscriber in subscribers:
+                dropped += subscriber.push(event)
+        for subscriber in self._all:
+            dropped += subscriber.push(event)
+        self.coalesced += dropped
+
+    # -- subscribing (event loop only) ----------------------------------------------------------
+    def subscribe(self, task_id: str | None) -> Subscriber:
+        subscriber = Subscriber(task_id, self._queue_size, self._loop)
+        if self._closed:
+            subscriber.closed = True
+            return subscriber
+        self.open_streams += 1
+        if task_id is None:
+            self._all.add(subscriber)
+        else:
+            self._by_task.setdefault(task_id, set()).add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        subscriber.closed = True
+        if subscriber.topic is None:
+            registered = self._all
+        else:
+            registered = self._by_task.get(subscriber.topic, set())
+        if subscriber not in registered:
+            return
+        registered.discard(subscriber)
+        self.open_streams -= 1
+        if subscriber.topic is not None and not registered:
+            del self._by_task[subscriber.topic]
+
+    def history_after(self, task_id: str, version: int) -> list[Event] | None:
+        """Every held event of the task after ``version``, or None when the history no longer reaches back."""
+        history = self._history.get(task_id)
+        if not history or history[0].version > version + 1:
+            return None
+        return [event for event in history if event.version > version]
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def subscribers(self) -> Iterator[Subscriber]:
+        yield from self._all
+        for subscribers in self._by_task.values():
+            yield from subscribers
+
+    def count(self) -> tuple[int, int]:
+        """(per-task subscribers, all-tasks subscribers)."""
+        return sum(len(s) for s in self._by_task.values()), len(self._all)
+
+    def ping_quiet(self, quiet_s: float) -> int:
+        """Mark every subscriber that has sent nothing for ``quiet_s`` as due a heartbeat."""
+        deadline = self._loop.time() - quiet_s
+        due = 0
+        for subscriber in self.subscribers():
+            if subscriber.last_send <= deadline and not subscriber.ping_due:
+                subscriber.ping()
+                due += 1
+        return due
+
+    async def run_heartbeat(self, interval_s: float) -> None:
+        """One timer for all streams: a stream is pinged after at most ~1.25 x interval of quiet."""
+        tick = interval_s / 4
+        while True:
+            await asyncio.sleep(tick)
+            self.ping_quiet(interval_s)
+
+    def close(self) -> None:
+        """Shutdown: every open stream ends promptly; later subscribers start closed."""
+        self._closed = True
+        for subscriber in list(self.subscribers()):
+            subscriber.close()

@@ -1,0 +1,133 @@
+"""Settings: every knob of PROTOCOL.md's configuration table, read once and validated at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings", "SettingsError"]
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or out of range; the message names the variable."""
+
+
+# variable name -> (field name, parser)
+_ENV: dict[str, tuple[str, str]] = {
+    "TASKMON_HOST": ("host", "str"),
+    "TASKMON_PORT": ("port", "int"),
+    "TASKMON_STORE": ("store_url", "str"),
+    "TASKMON_DATA_DIR": ("data_dir", "path"),
+    "TASKMON_HEARTBEAT_S": ("heartbeat_s", "float"),
+    "TASKMON_RETRY_MS": ("retry_ms", "int"),
+    "TASKMON_HISTORY": ("history", "int"),
+    "TASKMON_RETENTION_HOURS": ("retention_hours", "float"),
+    "TASKMON_CLEANUP_INTERVAL_S": ("cleanup_interval_s", "float"),
+    "TASKMON_MAX_STREAMS": ("max_streams", "int"),
+    "TASKMON_JOB_WORKERS": ("job_workers", "int"),
+    "TASKMON_API_TOKEN": ("api_token", "secret"),
+    "TASKMON_READ_TOKEN": ("read_token", "secret"),
+    "TASKMON_CORS_ORIGINS": ("cors_origins", "list"),
+    "TASKMON_MAX_UPLOAD_MB": ("max_upload_mb", "float"),
+    "TASKMON_LOG_LEVEL": ("log_level", "str"),
+    "ZEP_API_KEY": ("zep_api_key", "secret"),
+    "ZEP_BASE_URL": ("zep_base_url", "secret"),
+}
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store_url: str = "sqlite:///data/tasks.db"
+    data_dir: Path = Path("data")
+    heartbeat_s: float = 15.0
+    retry_ms: int = 3000
+    history: int = 256
+    retention_hours: float = 24.0
+    cleanup_interval_s: float = 300.0
+    max_streams: int = 10_000
+    job_workers: int = 4
+    api_token: str | None = field(default=None, repr=False)
+    read_token: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+    max_upload_mb: float = 50.0
+    zep_api_key: str | None = field(default=None, repr=False)
+    zep_base_url: str | None = None
+    log_level: str = "warning"
+    access_log: bool = False
+    # Subscriber buffer: frames kept per stream before coalescing to the newest snapshot per task.
+    queue_size: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "log_level", self.log_level.lower())
+        self._validate()
+
+    def _validate(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (0 < self.port < 65536, "TASKMON_PORT must be 1..65535"),
+            (self.heartbeat_s > 0, "TASKMON_HEARTBEAT_S must be > 0"),
+            (self.retry_ms >= 0, "TASKMON_RETRY_MS must be >= 0"),
+            (self.history >= 1, "TASKMON_HISTORY must be >= 1"),
+            (self.retention_hours > 0, "TASKMON_RETENTION_HOURS must be > 0"),
+            (self.cleanup_interval_s > 0, "TASKMON_CLEANUP_INTERVAL_S must be > 0"),
+            (self.max_streams >= 1, "TASKMON_MAX_STREAMS must be >= 1"),
+            (self.job_workers >= 1, "TASKMON_JOB_WORKERS must be >= 1"),
+            (self.max_upload_mb > 0, "TASKMON_MAX_UPLOAD_MB must be > 0"),
+            (self.queue_size >= 2, "queue_size must be >= 2"),
+            (self.log_level in _LOG_LEVELS, f"TASKMON_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}"),
+            (
+                self.store_url.startswith(("memory://", "sqlite:///", "redis://", "rediss://")),
+                "TASKMON_STORE must be memory://, sqlite:///PATH or redis://HOST:PORT/DB",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from TASKMON_* variables; keyword overrides (CLI flags) win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for var, (name, kind) in _ENV.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            values[name] = _parse(var, kind, raw.strip())
+        known = {f.name for f in fields(cls)}
+        for name, value in overrides.items():
+            if name not in known:
+                raise SettingsError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _parse(var: str, kind: str, raw: str) -> Any:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{var} must be a number, got {raw!r}") from None
+    if kind == "path":
+        return Path(raw)
+    if kind == "list":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
