@@ -107,7 +107,10 @@ def _serve(args: argparse.Namespace) -> int:
         extra={"host": settings.host, "port": settings.port, "open_file_limit": nofile},
     )
     server = Server(uvicorn_config(app, settings), app)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after a clean shutdown; exit as a shell expects
+        return 130
     return 0
 
 

@@ -110,7 +110,7 @@ async def _serve(app: TaskmonApp, scope: Scope, receive: Receive, send: Send, ta
     state = app.state
     settings = state.settings
     headers = Headers(scope=scope)
-    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
     extra_headers = app.cors_headers(headers.get("origin"))
 
     if scope["method"] not in ("GET", "HEAD"):

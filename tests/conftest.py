@@ -1,0 +1,135 @@
+"""Shared fixtures: settings, an in-process client with the lifespan running, and a real uvicorn."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from server.app import TaskmonApp, create_app
+from server.cli import Server, uvicorn_config
+from server.settings import Settings
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def require_tool(path_or_name: str, why: str) -> str:
+    """The tool's path; skips locally when it is missing, fails loudly in CI (CI must run everything)."""
+    found = shutil.which(path_or_name)
+    if found:
+        return found
+    message = f"{path_or_name} is not installed ({why})"
+    if IN_CI:
+        pytest.fail(message + "; .ci/run must install it")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        store_url="memory://",
+        data_dir=tmp_path / "data",
+        heartbeat_s=15.0,
+        retry_ms=1500,
+        cleanup_interval_s=3600,
+    )
+
+
+@asynccontextmanager
+async def running(app: TaskmonApp) -> AsyncIterator[TaskmonApp]:
+    """The app with its lifespan running (what uvicorn would do), for in-process tests."""
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[TaskmonApp]:
+    async with running(create_app(settings)) as started:
+        yield started
+
+
+@pytest.fixture
+async def client(app: TaskmonApp) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://taskmon.test") as http:
+        http.app = app  # type: ignore[attr-defined]
+        yield http
+
+
+class LiveServer:
+    """A real uvicorn serving ``create_app(settings)`` in a thread, on a fixed free port.
+
+    ``stop()`` then ``start()`` restarts it on the same port with a fresh app (same settings, so a
+    sqlite store survives), as a browser would see a server restart."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings if settings.port != 8000 else settings.with_changes(port=free_port())
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.app: TaskmonApp | None = None
+        self._server: Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def manager(self) -> Any:
+        assert self.app is not None
+        return self.app.state.manager
+
+    async def start(self) -> None:
+        self.app = create_app(self.settings)
+        self._server = Server(uvicorn_config(self.app, self.settings), self.app)
+        self._thread = threading.Thread(target=self._server.run, name="live-uvicorn", daemon=True)
+        self._thread.start()
+        with anyio.fail_after(10):
+            while not self._server.started:
+                if not self._thread.is_alive():
+                    raise RuntimeError("uvicorn exited during start-up")
+                await anyio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._server is None or self._thread is None:
+            return
+        self._server.request_stop()
+        thread = self._thread
+        await anyio.to_thread.run_sync(thread.join, 10)
+        if thread.is_alive():
+            raise RuntimeError("uvicorn did not stop within 10 s")
+        self._server = None
+        self._thread = None
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` as a job thread would (the manager is thread-safe)."""
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture
+def live_server() -> Callable[[Settings], Any]:
+    @asynccontextmanager
+    async def start(settings: Settings) -> AsyncIterator[LiveServer]:
+        server = LiveServer(settings)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+    return start
