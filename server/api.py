@@ -27,7 +27,7 @@ def _manager(request: Request) -> TaskManager:
 async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413 ApiError."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -40,6 +40,8 @@ async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str, 
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "request body is not valid JSON") from None
+    except RecursionError:  # e.g. 100,000 nested arrays: well within the size limit
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     return data
@@ -72,7 +74,7 @@ async def list_tasks(request: Request) -> Response:
     limit = None
     if "limit" in query:
         raw = query["limit"].strip()
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
             raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         limit = int(raw)
     tasks = _manager(request).list_tasks(task_type=query.get("task_type"), status=status, limit=limit)

@@ -29,8 +29,10 @@ __all__ = ["TaskManager", "validate_changes", "parse_status", "MAX_LIST_LIMIT"]
 
 MAX_LIST_LIMIT = 1000
 MAX_TEXT = 10_000
+MAX_DEPTH = 64  # nesting of metadata / progress_detail / result
 INTERRUPTED = "interrupted: the server stopped before this task finished"
 
+_TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
 
 
@@ -44,10 +46,31 @@ def parse_status(value: Any) -> TaskStatus:
         raise ValueError(f"status must be one of: {allowed}") from None
 
 
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when objects/arrays nest more than ``limit`` levels (checked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def _check_json(name: str, value: Any) -> None:
+    # A snapshot is re-encoded inside deeper call stacks later (the listing, a response class): a value
+    # that only just encodes here could fail there and break every later read, so nesting is capped.
+    if _too_deep(value):
+        raise ValueError(f"{name} is nested too deeply (at most {MAX_DEPTH} levels)")
     try:
         encode_json(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise ValueError(f"{name} must be JSON-serialisable") from None
 
 
@@ -203,7 +226,8 @@ class TaskManager:
             task = replace(
                 current,
                 **fields,
-                updated_at=max(now, current.updated_at),
+                # every change moves updated_at, even two within one clock tick or after a clock step back
+                updated_at=max(now, current.updated_at + _TICK),
                 version=current.version + 1,
             )
             self._commit(task)
@@ -228,7 +252,10 @@ class TaskManager:
 
     def cleanup_old_tasks(self, max_age_hours: float) -> list[str]:
         """Remove terminal tasks whose last change is older than ``max_age_hours``; announce each."""
-        cutoff = utcnow() - timedelta(hours=max_age_hours)
+        try:
+            cutoff = utcnow() - timedelta(hours=max_age_hours)
+        except OverflowError:  # a retention reaching back before year 1: nothing can be that old
+            return []
         removed: list[str] = []
         with self._lock:
             for task in self._store.terminal_before(cutoff):

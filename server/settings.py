@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -40,6 +41,11 @@ _ENV: dict[str, tuple[str, str]] = {
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
+def _finite(value: float) -> bool:
+    """inf would pass a `> 0` check and then overflow later (timedelta, int(bytes)); nan fails it anyway."""
+    return math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -73,14 +79,17 @@ class Settings:
     def _validate(self) -> None:
         checks: list[tuple[bool, str]] = [
             (0 < self.port < 65536, "TASKMON_PORT must be 1..65535"),
-            (self.heartbeat_s > 0, "TASKMON_HEARTBEAT_S must be > 0"),
+            (_finite(self.heartbeat_s) and self.heartbeat_s > 0, "TASKMON_HEARTBEAT_S must be a finite number > 0"),
             (self.retry_ms >= 0, "TASKMON_RETRY_MS must be >= 0"),
             (self.history >= 1, "TASKMON_HISTORY must be >= 1"),
-            (self.retention_hours > 0, "TASKMON_RETENTION_HOURS must be > 0"),
-            (self.cleanup_interval_s > 0, "TASKMON_CLEANUP_INTERVAL_S must be > 0"),
+            (_finite(self.retention_hours) and self.retention_hours > 0, "TASKMON_RETENTION_HOURS must be a finite number > 0"),
+            (
+                _finite(self.cleanup_interval_s) and self.cleanup_interval_s > 0,
+                "TASKMON_CLEANUP_INTERVAL_S must be a finite number > 0",
+            ),
             (self.max_streams >= 1, "TASKMON_MAX_STREAMS must be >= 1"),
             (self.job_workers >= 1, "TASKMON_JOB_WORKERS must be >= 1"),
-            (self.max_upload_mb > 0, "TASKMON_MAX_UPLOAD_MB must be > 0"),
+            (_finite(self.max_upload_mb) and self.max_upload_mb > 0, "TASKMON_MAX_UPLOAD_MB must be a finite number > 0"),
             (self.queue_size >= 2, "queue_size must be >= 2"),
             (self.log_level in _LOG_LEVELS, f"TASKMON_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}"),
             (

@@ -85,7 +85,7 @@ def _last_event_id(headers: Headers, query: dict[str, str]) -> int | None:
     if raw is None:
         return None
     raw = raw.strip()
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
 
 
 async def serve_stream(app: TaskmonApp, scope: Scope, receive: Receive, send: Send, task_id: str | None) -> None:

@@ -9,9 +9,13 @@ from datetime import datetime
 from ..models import Task, TaskStatus
 
 
+def _created_at(task: Task) -> datetime:
+    return task.created_at
+
+
 class MemoryStore:
     def __init__(self) -> None:
-        self._tasks: dict[str, Task] = {}  # insertion order == creation order
+        self._tasks: dict[str, Task] = {}  # insertion order: the tie-break for equal created_at
         self._lock = threading.Lock()
 
     def get(self, task_id: str) -> Task | None:
@@ -34,8 +38,13 @@ class MemoryStore:
     ) -> list[Task]:
         with self._lock:
             snapshot = list(self._tasks.values())
+        # Newest first by creation time, then by creation (insertion) order, as the interface says and
+        # as sqlite orders: saves can arrive out of creation-time order (threads, a clock step back).
+        # Timsort is O(n) on the usual already-ordered input; reverse=True keeps ties stable.
+        snapshot.reverse()
+        snapshot.sort(key=_created_at, reverse=True)
         out: list[Task] = []
-        for task in reversed(snapshot):
+        for task in snapshot:
             if task_type is not None and task.task_type != task_type:
                 continue
             if status is not None and task.status is not status:
