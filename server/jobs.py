@@ -70,7 +70,12 @@ class JobRunner:
         try:
             if self._cancelled.is_set():
                 raise JobFailed(INTERRUPTED)
-            self._manager.update_task(task_id, status="processing", message="Started")
+            try:
+                self._manager.update_task(task_id, status="processing", message="Started")
+            except (TaskNotFoundError, TaskStateError) as exc:
+                # ended (or removed) while it waited in the queue, e.g. by a producer PATCH: nothing to run
+                logger.info("queued job skipped", extra={"task_id": task_id, "reason": str(exc)})
+                return
             result = fn(ctx)
         except JobFailed as exc:
             self._finish(task_id, error=str(exc))
