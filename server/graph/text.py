@@ -143,7 +143,7 @@ def decode_text(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        pass
+        logger.debug("upload is not UTF-8; detecting its encoding", extra={"size": len(data)})
     results = charset_normalizer.from_bytes(data)
     best = results.best()
     if best is None:
