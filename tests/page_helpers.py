@@ -1,0 +1,140 @@
+"""Helpers for the browser tests of the live page (tests/test_page.py).
+
+Debian's Chromium driven by Playwright's Python package; the producer API called with httpx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import require_tool
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, async_playwright
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+# Counts the page's EventSource objects, so a test can check the one-stream-per-tab rule and see
+# which URLs the page opened. Installed before any page script runs.
+TRACK_EVENTSOURCES = """
+(() => {
+  const Native = window.EventSource;
+  const stats = { open: 0, max: 0, urls: [] };
+  window.__streams = stats;
+  window.EventSource = class extends Native {
+    constructor(url, init) {
+      super(url, init);
+      this.__closed = false;
+      stats.open += 1;
+      stats.max = Math.max(stats.max, stats.open);
+      stats.urls.push(String(url));
+    }
+    close() {
+      if (!this.__closed) { this.__closed = true; stats.open -= 1; }
+      super.close();
+    }
+  };
+})();
+"""
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's Chromium; skipped when missing on a developer machine, a failure in CI."""
+    require_tool(str(CHROMIUM), "the page tests drive it; apt-get install chromium")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@dataclass
+class PageWatch:
+    """What a page did that a test wants to assert on afterwards."""
+
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def attach(self, page: Page) -> None:
+        page.on("dialog", self._on_dialog)
+        page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        page.on("console", self._on_console)
+
+    async def _on_dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        await dialog.dismiss()
+
+    def _on_console(self, message: ConsoleMessage) -> None:
+        # "Failed to load resource" lines are the browser reporting expected 4xx/refused connections.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            self.errors.append(f"console: {message.text}")
+
+
+class Pages:
+    """Opens pages in fresh browser contexts (own storage, own EventSources) and closes them all."""
+
+    def __init__(self, browser: Browser) -> None:
+        self.browser = browser
+        self._contexts: list[BrowserContext] = []
+
+    async def open(
+        self, url: str, *, width: int = 1280, height: int = 900, color_scheme: str = "light"
+    ) -> tuple[Page, PageWatch]:
+        context = await self.browser.new_context(
+            viewport={"width": width, "height": height}, color_scheme=color_scheme, reduced_motion="reduce"
+        )
+        self._contexts.append(context)
+        await context.add_init_script(TRACK_EVENTSOURCES)
+        page = await context.new_page()
+        watch = PageWatch()
+        watch.attach(page)
+        await page.goto(url)
+        return page, watch
+
+    async def close(self) -> None:
+        for context in self._contexts:
+            await context.close()
+        self._contexts.clear()
+
+
+async def stream_stats(page: Page) -> dict[str, Any]:
+    return await page.evaluate("() => ({...window.__streams, urls: [...window.__streams.urls]})")
+
+
+class Producer:
+    """The producer API, as a job in another process would call it."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def create(self, task_type: str) -> dict[str, Any]:
+        response = await self.client.post("/api/tasks", json={"task_type": task_type})
+        assert response.status_code == 201, response.text
+        return response.json()["data"]
+
+    async def patch(self, task_id: str, **changes: Any) -> dict[str, Any]:
+        response = await self.client.patch(f"/api/tasks/{task_id}", json=changes)
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/api/graph/task/{task_id}")
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
