@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sse_starlette import ServerSentEvent
@@ -86,27 +86,42 @@ class Event:
 
 
 class Subscriber:
-    """A bounded buffer of pending events plus one waiter. Touched only on the event loop."""
+    """A bounded buffer of pending events plus one waiter. Touched only on the event loop.
 
-    __slots__ = ("topic", "maxsize", "events", "waiter", "closed", "ping_due", "last_send", "coalesced", "_loop")
+    When events arrive the bus marks the subscriber ready and, once per burst, calls its
+    ``on_ready`` (a stream that writes directly) or wakes its waiter (a coroutine that waits)."""
 
-    def __init__(self, topic: str | None, maxsize: int, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = (
+        "topic",
+        "maxsize",
+        "events",
+        "waiter",
+        "closed",
+        "ping_due",
+        "last_send",
+        "coalesced",
+        "queued",
+        "on_ready",
+        "_bus",
+    )
+
+    def __init__(self, topic: str | None, maxsize: int, bus: EventBus) -> None:
         self.topic = topic  # a task id, or None for every task
         self.maxsize = maxsize
         self.events: list[Event] = []
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.ping_due = False
-        self.last_send = loop.time()
+        self.last_send = bus.loop.time()
         self.coalesced = 0
-        self._loop = loop
+        self.queued = False  # already in the bus's ready list for the next flush
+        self.on_ready: Callable[[], None] | None = None
+        self._bus = bus
 
-    def push(self, event: Event) -> int:
-        """Queue an event; returns how many pending events were coalesced away."""
+    def push(self, event: Event) -> None:
         if self.closed:
-            return 0
+            return
         events = self.events
-        dropped = 0
         if len(events) >= self.maxsize:
             newest: dict[str, Event] = {}
             for pending in events:
@@ -115,20 +130,24 @@ class Subscriber:
             self.events = list(newest.values())
             dropped = len(events) + 1 - len(self.events)
             self.coalesced += dropped
+            self._bus.coalesced += dropped
         else:
             events.append(event)
-        self._wake()
-        return dropped
+        if not self.queued:
+            self.queued = True
+            self._bus.ready.append(self)
 
     def ping(self) -> None:
         self.ping_due = True
-        self._wake()
+        if not self.queued:
+            self.queued = True
+            self._bus.ready.append(self)
 
     def close(self) -> None:
         self.closed = True
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -137,14 +156,18 @@ class Subscriber:
         events = self.events
         self.events = []
         self.ping_due = False
-        self.last_send = self._loop.time()
+        self.last_send = self._bus.loop.time()
         return events
 
     async def wait(self) -> None:
         """Return once there is something to send (events or a ping) or the subscriber closed."""
         if self.events or self.ping_due or self.closed:
             return
-        waiter = self._loop.create_future()
+        await self.wait_wake()
+
+    async def wait_wake(self) -> None:
+        """Return at the next ``wake()`` (or ``close()``)."""
+        waiter = self._bus.loop.create_future()
         self.waiter = waiter
         try:
             await waiter
@@ -154,12 +177,14 @@ class Subscriber:
 
 class EventBus:
     def __init__(self, history: int = 256, queue_size: int = 64) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._history_len = history
         self._queue_size = queue_size
         self._pending: deque[Event] = deque()
         self._drain_scheduled = False
+        self.ready: list[Subscriber] = []  # subscribers with something new since the last flush
+        self._flush_scheduled = False
         self._by_task: dict[str, set[Subscriber]] = {}
         self._all: set[Subscriber] = set()
         self._history: dict[str, deque[Event]] = {}
@@ -201,18 +226,45 @@ class EventBus:
             history.append(event)
         else:
             self._history.pop(event.task_id, None)
-        dropped = 0
         subscribers = self._by_task.get(event.task_id)
         if subscribers:
             for subscriber in subscribers:
-                dropped += subscriber.push(event)
+                subscriber.push(event)
         for subscriber in self._all:
-            dropped += subscriber.push(event)
-        self.coalesced += dropped
+            subscriber.push(event)
+        if self.ready and not self._flush_scheduled:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Not now: the publisher may hold the manager's lock. And not at the end of this loop turn
+        # but after the next poll for I/O: publishes that arrived while the previous flush was
+        # writing ride along in the same writes. Idle, that costs one extra zero-timeout poll; busy,
+        # it is what keeps the number of writes per event falling as the load rises.
+        self._flush_scheduled = True
+        self._loop.call_soon(self._loop.call_soon, self._flush)
+
+    def _flush(self) -> None:
+        """Once per burst: every subscriber with something new writes it (or is woken to)."""
+        self._flush_scheduled = False
+        ready = self.ready
+        self.ready = []
+        for subscriber in ready:
+            subscriber.queued = False
+            if subscriber.closed:
+                continue
+            on_ready = subscriber.on_ready
+            if on_ready is None:
+                subscriber.wake()
+                continue
+            try:
+                on_ready()
+            except Exception:
+                logger.exception("stream delivery failed", extra={"task_id": subscriber.topic})
+                subscriber.close()
 
     # -- subscribing (event loop only) ----------------------------------------------------------
     def subscribe(self, task_id: str | None) -> Subscriber:
-        subscriber = Subscriber(task_id, self._queue_size, self._loop)
+        subscriber = Subscriber(task_id, self._queue_size, self)
         if self._closed:
             subscriber.closed = True
             return subscriber
@@ -261,6 +313,8 @@ class EventBus:
             if subscriber.last_send <= deadline and not subscriber.ping_due:
                 subscriber.ping()
                 due += 1
+        if self.ready and not self._flush_scheduled:
+            self._schedule_flush()
         return due
 
     async def run_heartbeat(self, interval_s: float) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -23,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from .auth import check_read
-from .bus import Subscriber, encode_json
+from .bus import Event, EventBus, Subscriber, encode_json
 from .manager import AllTasksSubscription, TaskSubscription, parse_status
 from .models import TaskNotFoundError, TaskStatus, is_task_id
 
@@ -99,14 +100,18 @@ async def serve_stream(app: TaskmonApp, scope: Scope, receive: Receive, send: Se
         await send(message)
 
     try:
-        await _serve(app, scope, receive, tracked_send, task_id)
+        await _serve(app, scope, receive, tracked_send, send, task_id)
     except Exception:
         logger.exception("stream failed", extra={"path": scope.get("path"), "task_id": task_id})
         if not started:
             await _error(send, 500, "internal server error", [])
 
 
-async def _serve(app: TaskmonApp, scope: Scope, receive: Receive, send: Send, task_id: str | None) -> None:
+async def _serve(
+    app: TaskmonApp, scope: Scope, receive: Receive, send: Send, body_send: Send, task_id: str | None
+) -> None:
+    """``send`` notes whether the response started (for the 500 fallback); the pumps write their
+    body through the server's own ``body_send``, one wrapper fewer per delivery."""
     state = app.state
     settings = state.settings
     headers = Headers(scope=scope)
@@ -160,7 +165,7 @@ async def _serve(app: TaskmonApp, scope: Scope, receive: Receive, send: Send, ta
                 if head_only:
                     await send({"type": "http.response.body", "body": b""})
                     return
-                await _pump_task(app, receive, send, sub, retry)
+                await _pump_task(app, receive, body_send, sub, retry)
         except TaskNotFoundError:  # removed between the check and the subscribe
             await _error(send, 404, "task not found", extra_headers)
     else:
@@ -169,73 +174,136 @@ async def _serve(app: TaskmonApp, scope: Scope, receive: Receive, send: Send, ta
             if head_only:
                 await send({"type": "http.response.body", "body": b""})
                 return
-            await _pump_all(app, receive, send, all_sub, retry)
+            await _pump_all(app, receive, body_send, all_sub, retry)
+
+
+class _Stream:
+    """One open stream after its opening chunk: writes what its subscriber gathers.
+
+    The bus calls ``deliver`` once per burst of events. It renders everything pending into one
+    chunk and writes it through the server's ``send`` driven synchronously: with uvicorn that
+    completes at once unless the socket's buffer is full, so a delivery costs no task switch and
+    no await chain. When ``send`` does block (a slow reader), the half-done send is handed to the
+    stream's own coroutine, which finishes it and picks up what gathered meanwhile (coalesced).
+    With a server whose ``send`` always suspends, every delivery simply takes that path."""
+
+    __slots__ = ("_send", "_subscriber", "_render", "_bus", "_inflight", "finished")
+
+    def __init__(self, send: Send, subscriber: Subscriber, render: Callable[[list[Event]], bytes], bus: EventBus) -> None:
+        self._send = send
+        self._subscriber = subscriber
+        self._render = render  # pending events -> frames (b"" when none is for this client)
+        self._bus = bus
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self.finished = False  # set by ``render`` when the stream's last frame is in the chunk
+
+    def deliver(self) -> None:
+        if self._inflight is not None or self.finished:
+            return  # the coroutine is finishing a blocked send; it will pick this up
+        subscriber = self._subscriber
+        ping = subscriber.ping_due
+        chunk = self._render(subscriber.take())
+        if not chunk:
+            if not ping:
+                return
+            chunk = PING
+        send = self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            blocked_on = send.send(None)
+        except StopIteration:
+            if self.finished:
+                subscriber.wake()  # the coroutine closes the response
+            return
+        self._inflight = (send, blocked_on)
+        subscriber.wake()
+
+    async def run(self) -> None:
+        """The stream's coroutine: direct delivery from the bus, blocked sends, then the close."""
+        subscriber = self._subscriber
+        subscriber.on_ready = self.deliver
+        self.deliver()  # whatever arrived while the opening chunk was written
+        while True:
+            if self._inflight is not None:
+                await self._finish_inflight()
+                self.deliver()
+                continue
+            if self.finished or subscriber.closed:
+                break
+            await subscriber.wait_wake()
+        subscriber.on_ready = None
+        await self._send({"type": "http.response.body", "body": b""})
+
+    async def _finish_inflight(self) -> None:
+        assert self._inflight is not None
+        send, blocked_on = self._inflight
+        try:
+            while True:
+                if blocked_on is None:
+                    await asyncio.sleep(0)  # a bare yield: give the loop one turn
+                else:
+                    # We are the driver that received this yielded future, so we clear its flag as
+                    # asyncio's Task.__step does before waiting on it.
+                    blocked_on._asyncio_future_blocking = False
+                    await blocked_on
+                try:
+                    blocked_on = send.send(None)
+                except StopIteration:
+                    return
+        except BaseException:
+            send.close()
+            raise
+        finally:
+            self._inflight = None
 
 
 async def _pump_task(app: TaskmonApp, receive: Receive, send: Send, sub: TaskSubscription, retry: bytes) -> None:
     bus = app.state.manager.bus
-    task = sub.snapshot
-    body = retry + b"".join(event.frame for event in sub.initial)
+    task_id = sub.snapshot.task_id
+
+    def render(events: list[Event]) -> bytes:
+        fresh = sub.fresh(events)
+        if not fresh:
+            return b""
+        bus.delivered += len(fresh)
+        chunk = b"".join([event.frame for event in fresh])
+        if sub.finished:
+            stream.finished = True
+            chunk += _end_frame(task_id, fresh[-1].status)
+        return chunk
+
+    stream = _Stream(send, sub.subscriber, render, bus)
     bus.delivered += len(sub.initial)
+    body = retry + b"".join(event.frame for event in sub.initial)
     if sub.finished:
-        last = sub.initial[-1]
-        await send({"type": "http.response.body", "body": body + _end_frame(task.task_id, last.status), "more_body": True})
+        body += _end_frame(task_id, sub.initial[-1].status)
+        await send({"type": "http.response.body", "body": body, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return
     await send({"type": "http.response.body", "body": body, "more_body": True})
-
-    subscriber = sub.subscriber
-    watcher = asyncio.create_task(_watch_disconnect(receive, subscriber))
-    try:
-        while True:
-            await subscriber.wait()
-            if subscriber.closed:
-                break
-            ping = subscriber.ping_due
-            events = sub.fresh(subscriber.take())
-            if events:
-                chunk = b"".join(event.frame for event in events)
-                bus.delivered += len(events)
-                if sub.finished:
-                    chunk += _end_frame(task.task_id, events[-1].status)
-            elif ping:
-                chunk = PING
-            else:
-                continue
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if sub.finished:
-                break
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        watcher.cancel()
+    await _run_watched(stream, receive, sub.subscriber)
 
 
 async def _pump_all(
     app: TaskmonApp, receive: Receive, send: Send, sub: AllTasksSubscription, retry: bytes
 ) -> None:
     bus = app.state.manager.bus
+    frame_for = sub.frame_for
+
+    def render(events: list[Event]) -> bytes:
+        frames = [frame for frame in map(frame_for, events) if frame is not None]
+        bus.delivered += len(frames)
+        return b"".join(frames)
+
     snapshot = ServerSentEvent(
         data=encode_json({"tasks": [task.to_dict() for task in sub.tasks]}), event="snapshot", sep="\n"
     ).encode()
     await send({"type": "http.response.body", "body": retry + snapshot, "more_body": True})
+    await _run_watched(_Stream(send, sub.subscriber, render, bus), receive, sub.subscriber)
 
-    subscriber = sub.subscriber
+
+async def _run_watched(stream: _Stream, receive: Receive, subscriber: Subscriber) -> None:
     watcher = asyncio.create_task(_watch_disconnect(receive, subscriber))
     try:
-        while True:
-            await subscriber.wait()
-            if subscriber.closed:
-                break
-            ping = subscriber.ping_due
-            frames = [frame for frame in map(sub.frame_for, subscriber.take()) if frame is not None]
-            if frames:
-                chunk = b"".join(frames)
-                bus.delivered += len(frames)
-            elif ping:
-                chunk = PING
-            else:
-                continue
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        await stream.run()
     finally:
         watcher.cancel()
