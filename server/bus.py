@@ -1,15 +1,18 @@
 """In-process fan-out of task events to stream subscribers.
 
-Design (see the performance issue for the numbers behind it):
+Design (see the performance issue and README's Performance section for the numbers behind it):
 
 * An event's SSE bytes are encoded once, by the publisher, and shared by every subscriber.
 * ``publish`` may be called from any thread. Events go into one FIFO and are fanned out on the
   event loop, one loop hop per burst of publishes (not per subscriber); a publish made on the loop
   thread drains the FIFO in place, so events are fanned out strictly in publish order.
-* A subscriber is a bounded list of pending events plus one waiter future. Publishing never awaits:
+* A subscriber is a bounded list of pending events plus one waiter. Publishing never awaits:
   when a subscriber's buffer is full it is coalesced to the newest event per task (so versions may
   skip, a stale snapshot never follows a newer one, and a terminal snapshot, being the last of its
   task, is never dropped).
+* Fan-out only appends; the subscribers that got something are flushed once per burst, after the
+  next poll for I/O: a stream writes everything pending as one chunk from that flush (see
+  ``streams._Stream``), so under load more events share each write instead of each costing a wake-up.
 * One heartbeat loop marks quiet subscribers instead of a timer per stream.
 * A bounded per-task history serves ``Last-Event-ID`` replay.
 """
