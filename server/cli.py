@@ -65,6 +65,9 @@ def uvicorn_config(app: TaskmonApp, settings: Settings) -> uvicorn.Config:
         access_log=settings.access_log,
         timeout_graceful_shutdown=3,  # only a reader that stopped reading can hold a stream this long
         server_header=False,
+        # taskmon uses no client addresses; leaving uvicorn's proxy-headers wrapper out saves a
+        # coroutine frame on every open stream (behind a proxy, access logs show the proxy).
+        proxy_headers=False,
     )
 
 

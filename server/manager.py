@@ -265,39 +265,60 @@ class TaskManager:
         return removed
 
     # -- streams -------------------------------------------------------------------------------
-    @asynccontextmanager
-    async def subscribe(self, task_id: str, after: int | None = None) -> AsyncIterator[TaskSubscription]:
+    def open_subscription(self, task_id: str, after: int | None = None) -> TaskSubscription:
         """Follow one task: the snapshot (or the replay after ``after``), then every later change.
 
         The subscriber is registered before the snapshot is read, so no change can fall between.
-        """
+        The caller owns the result and must ``close()`` it (``subscribe`` does that for you)."""
         subscriber = self._bus.subscribe(task_id)
-        try:
-            task = self._store.get(task_id)
-            if task is None:
-                raise TaskNotFoundError(task_id)
-            yield TaskSubscription(self._bus, subscriber, task, after)
-        finally:
+        task = self._store.get(task_id)
+        if task is None:
             self._bus.unsubscribe(subscriber)
+            raise TaskNotFoundError(task_id)
+        return TaskSubscription(self._bus, subscriber, task, after)
+
+    def open_all_subscription(
+        self, task_type: str | None = None, status: TaskStatus | None = None
+    ) -> AllTasksSubscription:
+        """Follow every task matching the filters; the caller must ``close()`` the result."""
+        subscriber = self._bus.subscribe(None)
+        try:
+            tasks = self._store.list(task_type=task_type, status=status)
+        except BaseException:
+            self._bus.unsubscribe(subscriber)
+            raise
+        return AllTasksSubscription(self._bus, subscriber, tasks, task_type, status)
+
+    @asynccontextmanager
+    async def subscribe(self, task_id: str, after: int | None = None) -> AsyncIterator[TaskSubscription]:
+        subscription = self.open_subscription(task_id, after)
+        try:
+            yield subscription
+        finally:
+            subscription.close()
 
     @asynccontextmanager
     async def subscribe_all(
         self, task_type: str | None = None, status: TaskStatus | None = None
     ) -> AsyncIterator[AllTasksSubscription]:
-        subscriber = self._bus.subscribe(None)
+        subscription = self.open_all_subscription(task_type, status)
         try:
-            tasks = self._store.list(task_type=task_type, status=status)
-            yield AllTasksSubscription(subscriber, tasks, task_type, status)
+            yield subscription
         finally:
-            self._bus.unsubscribe(subscriber)
+            subscription.close()
 
 
 class TaskSubscription:
-    """What a per-task stream sends: ``initial`` events, then ``fresh(batch)`` of each wake-up."""
+    """What a per-task stream sends: ``initial`` events, then ``fresh(batch)`` of each wake-up.
+
+    It keeps no snapshot of its own: an open stream costs its subscriber and a few numbers."""
+
+    __slots__ = ("_bus", "subscriber", "task_id", "initial", "no_content", "last_version", "finished")
 
     def __init__(self, bus: EventBus, subscriber: Subscriber, task: Task, after: int | None) -> None:
+        self._bus = bus
         self.subscriber = subscriber
-        self.snapshot = task
+        self.task_id = task.task_id
         self.no_content = False  # the client already has the terminal version: 204
         if after is not None and not 0 <= after <= task.version:
             after = None  # above the current version (or nonsense): start from the snapshot
@@ -313,6 +334,14 @@ class TaskSubscription:
         self.last_version = self.initial[-1].version if self.initial else (after or 0)
         self.finished = self.no_content or any(e.terminal for e in self.initial)
 
+    def close(self) -> None:
+        self._bus.unsubscribe(self.subscriber)
+
+    def take_initial(self) -> list[Event]:
+        """The opening events, handed over once (the subscription does not keep them)."""
+        initial, self.initial = self.initial, []
+        return initial
+
     def fresh(self, events: list[Event]) -> list[Event]:
         """The events newer than what was sent, in order; marks the stream finished at the terminal one."""
         out: list[Event] = []
@@ -325,7 +354,7 @@ class TaskSubscription:
 
     async def __aiter__(self) -> AsyncIterator[Task]:
         """For Python consumers: each snapshot as a Task, ending after the terminal one."""
-        for event in self.initial:
+        for event in self.take_initial():
             yield Task.from_dict(event.task)  # type: ignore[arg-type]
         while not self.finished:
             await self.subscriber.wait()
@@ -340,17 +369,27 @@ class AllTasksSubscription:
 
     def __init__(
         self,
+        bus: EventBus,
         subscriber: Subscriber,
         tasks: list[Task],
         task_type: str | None,
         status: TaskStatus | None,
     ) -> None:
+        self._bus = bus
         self.subscriber = subscriber
         self.tasks = tasks
         self._task_type = task_type
         self._status = status
         self._seen = {t.task_id: t.version for t in tasks}  # drops changes already in the snapshot
         self._visible = set(self._seen)
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self.subscriber)
+
+    def take_tasks(self) -> list[Task]:
+        """The opening snapshot, handed over once (the subscription does not keep it)."""
+        tasks, self.tasks = self.tasks, []
+        return tasks
 
     def frame_for(self, event: Event) -> bytes | None:
         if self._task_type is not None and event.task_type != self._task_type:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -91,91 +91,117 @@ def _last_event_id(headers: Headers, query: dict[str, str]) -> int | None:
 
 
 async def serve_stream(app: TaskmonApp, scope: Scope, receive: Receive, send: Send, task_id: str | None) -> None:
-    """Answer one stream request; never raises to the server."""
-    started = False
+    """Answer one stream request; never raises to the server.
 
-    async def tracked_send(message: dict[str, Any]) -> None:
-        nonlocal started
-        if message["type"] == "http.response.start":
-            started = True
-        await send(message)
-
+    Everything up to the opening chunk happens in ``_open``, whose frame is gone by the time the
+    stream idles: an open stream holds this coroutine, its ``_Stream`` and one watcher task."""
+    stream = await _open(app, scope, send, task_id)
+    if stream is None:
+        return  # answered already (an error, 204, HEAD, or a finished task's whole stream)
+    watcher = asyncio.create_task(_watch_disconnect(receive, stream.subscriber))
     try:
-        await _serve(app, scope, receive, tracked_send, send, task_id)
+        await stream.run()
     except Exception:
-        logger.exception("stream failed", extra={"path": scope.get("path"), "task_id": task_id})
+        logger.exception("stream failed", extra={"task_id": task_id})
+    finally:
+        watcher.cancel()
+        stream.close()
+
+
+async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) -> _Stream | None:
+    """Check the request, subscribe, send the headers and the opening chunk.
+
+    Returns the open stream, or None once the request has been answered in full."""
+    started = False
+    subscription: TaskSubscription | AllTasksSubscription | None = None
+    try:
+        state = app.state
+        settings = state.settings
+        headers = Headers(scope=scope)
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        extra_headers = app.cors_headers(headers.get("origin"))
+
+        if scope["method"] not in ("GET", "HEAD"):
+            await _error(send, 405, "method not allowed", [(b"allow", b"GET, HEAD"), *extra_headers])
+            return None
+        reason = check_read(settings, headers, query)
+        if reason:
+            await _error(send, 401, reason, [(b"www-authenticate", b'Bearer realm="taskmon"'), *extra_headers])
+            return None
+
+        manager = state.manager
+        status_filter: TaskStatus | None = None
+        if task_id is not None:
+            if not is_task_id(task_id) or manager.get_task(task_id) is None:
+                await _error(send, 404, "task not found", extra_headers)
+                return None
+        else:
+            unknown = sorted(set(query) - {"task_type", "status", "access_token"})
+            if unknown:
+                await _error(send, 400, f"unknown query parameter(s): {', '.join(unknown)}", extra_headers)
+                return None
+            if "status" in query:
+                try:
+                    status_filter = parse_status(query["status"])
+                except ValueError as exc:
+                    await _error(send, 400, str(exc), extra_headers)
+                    return None
+
+        bus = manager.bus
+        if bus.open_streams >= settings.max_streams:
+            retry_after = str(max(1, settings.retry_ms // 1000)).encode()
+            await _error(send, 503, "too many open streams; retry later", [(b"retry-after", retry_after), *extra_headers])
+            return None
+
+        if task_id is not None:
+            try:
+                subscription = manager.open_subscription(task_id, _last_event_id(headers, query))
+            except TaskNotFoundError:  # removed between the check and the subscribe
+                await _error(send, 404, "task not found", extra_headers)
+                return None
+            if subscription.no_content:
+                started = True
+                await send({"type": "http.response.start", "status": 204, "headers": extra_headers})
+                await send({"type": "http.response.body", "body": b""})
+                return None
+        else:
+            subscription = manager.open_all_subscription(query.get("task_type"), status_filter)
+
+        started = True
+        await send({"type": "http.response.start", "status": 200, "headers": [*_BASE_HEADERS, *extra_headers]})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return None
+
+        opening = ServerSentEvent(retry=settings.retry_ms, sep="\n").encode()
+        stream: _Stream
+        if isinstance(subscription, TaskSubscription):
+            initial = subscription.take_initial()
+            bus.delivered += len(initial)
+            opening += b"".join(event.frame for event in initial)
+            if subscription.finished:
+                opening += _end_frame(subscription.task_id, initial[-1].status)
+                await send({"type": "http.response.body", "body": opening, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return None
+            stream = _TaskStream(send, subscription, bus)
+        else:
+            tasks = subscription.take_tasks()
+            opening += ServerSentEvent(
+                data=encode_json({"tasks": [task.to_dict() for task in tasks]}), event="snapshot", sep="\n"
+            ).encode()
+            stream = _AllTasksStream(send, subscription, bus)
+        await send({"type": "http.response.body", "body": opening, "more_body": True})
+        subscription = None  # the stream owns it now
+        return stream
+    except Exception:
+        logger.exception("stream failed to open", extra={"path": scope.get("path"), "task_id": task_id})
         if not started:
             await _error(send, 500, "internal server error", [])
-
-
-async def _serve(
-    app: TaskmonApp, scope: Scope, receive: Receive, send: Send, body_send: Send, task_id: str | None
-) -> None:
-    """``send`` notes whether the response started (for the 500 fallback); the pumps write their
-    body through the server's own ``body_send``, one wrapper fewer per delivery."""
-    state = app.state
-    settings = state.settings
-    headers = Headers(scope=scope)
-    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
-    extra_headers = app.cors_headers(headers.get("origin"))
-
-    if scope["method"] not in ("GET", "HEAD"):
-        await _error(send, 405, "method not allowed", [(b"allow", b"GET, HEAD"), *extra_headers])
-        return
-    reason = check_read(settings, headers, query)
-    if reason:
-        await _error(send, 401, reason, [(b"www-authenticate", b'Bearer realm="taskmon"'), *extra_headers])
-        return
-
-    manager = state.manager
-    status_filter: TaskStatus | None = None
-    if task_id is not None:
-        if not is_task_id(task_id) or manager.get_task(task_id) is None:
-            await _error(send, 404, "task not found", extra_headers)
-            return
-    else:
-        unknown = sorted(set(query) - {"task_type", "status", "access_token"})
-        if unknown:
-            await _error(send, 400, f"unknown query parameter(s): {', '.join(unknown)}", extra_headers)
-            return
-        if "status" in query:
-            try:
-                status_filter = parse_status(query["status"])
-            except ValueError as exc:
-                await _error(send, 400, str(exc), extra_headers)
-                return
-
-    bus = manager.bus
-    if bus.open_streams >= settings.max_streams:
-        retry_after = str(max(1, settings.retry_ms // 1000)).encode()
-        await _error(send, 503, "too many open streams; retry later", [(b"retry-after", retry_after), *extra_headers])
-        return
-
-    start = {"type": "http.response.start", "status": 200, "headers": [*_BASE_HEADERS, *extra_headers]}
-    retry = ServerSentEvent(retry=settings.retry_ms, sep="\n").encode()
-    head_only = scope["method"] == "HEAD"
-
-    if task_id is not None:
-        try:
-            async with manager.subscribe(task_id, _last_event_id(headers, query)) as sub:
-                if sub.no_content:
-                    await send({"type": "http.response.start", "status": 204, "headers": extra_headers})
-                    await send({"type": "http.response.body", "body": b""})
-                    return
-                await send(start)
-                if head_only:
-                    await send({"type": "http.response.body", "body": b""})
-                    return
-                await _pump_task(app, receive, body_send, sub, retry)
-        except TaskNotFoundError:  # removed between the check and the subscribe
-            await _error(send, 404, "task not found", extra_headers)
-    else:
-        async with manager.subscribe_all(query.get("task_type"), status_filter) as all_sub:
-            await send(start)
-            if head_only:
-                await send({"type": "http.response.body", "body": b""})
-                return
-            await _pump_all(app, receive, body_send, all_sub, retry)
+        return None
+    finally:
+        if subscription is not None:
+            subscription.close()
 
 
 class _Stream:
@@ -188,22 +214,29 @@ class _Stream:
     stream's own coroutine, which finishes it and picks up what gathered meanwhile (coalesced).
     With a server whose ``send`` always suspends, every delivery simply takes that path."""
 
-    __slots__ = ("_send", "_subscriber", "_render", "_bus", "_inflight", "finished")
+    __slots__ = ("_send", "subscription", "subscriber", "_bus", "_inflight", "finished")
 
-    def __init__(self, send: Send, subscriber: Subscriber, render: Callable[[list[Event]], bytes], bus: EventBus) -> None:
+    def __init__(self, send: Send, subscription: TaskSubscription | AllTasksSubscription, bus: EventBus) -> None:
         self._send = send
-        self._subscriber = subscriber
-        self._render = render  # pending events -> frames (b"" when none is for this client)
+        self.subscription = subscription
+        self.subscriber = subscription.subscriber
         self._bus = bus
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
-        self.finished = False  # set by ``render`` when the stream's last frame is in the chunk
+        self.finished = False  # the stream's last frame has been written
+
+    def render(self, events: list[Event]) -> bytes:
+        """Pending events -> this client's frames (b"" when none is for it)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.subscription.close()
 
     def deliver(self) -> None:
         if self._inflight is not None or self.finished:
             return  # the coroutine is finishing a blocked send; it will pick this up
-        subscriber = self._subscriber
+        subscriber = self.subscriber
         ping = subscriber.ping_due
-        chunk = self._render(subscriber.take())
+        chunk = self.render(subscriber.take())
         if not chunk:
             if not ping:
                 return
@@ -220,18 +253,20 @@ class _Stream:
 
     async def run(self) -> None:
         """The stream's coroutine: direct delivery from the bus, blocked sends, then the close."""
-        subscriber = self._subscriber
+        subscriber = self.subscriber
         subscriber.on_ready = self.deliver
-        self.deliver()  # whatever arrived while the opening chunk was written
-        while True:
-            if self._inflight is not None:
-                await self._finish_inflight()
-                self.deliver()
-                continue
-            if self.finished or subscriber.closed:
-                break
-            await subscriber.wait_wake()
-        subscriber.on_ready = None
+        try:
+            self.deliver()  # whatever arrived while the opening chunk was written
+            while True:
+                if self._inflight is not None:
+                    await self._finish_inflight()
+                    self.deliver()
+                    continue
+                if self.finished or subscriber.closed:
+                    break
+                await subscriber.wait_wake()
+        finally:
+            subscriber.on_ready = None
         await self._send({"type": "http.response.body", "body": b""})
 
     async def _finish_inflight(self) -> None:
@@ -257,54 +292,29 @@ class _Stream:
             self._inflight = None
 
 
-async def _pump_task(app: TaskmonApp, receive: Receive, send: Send, sub: TaskSubscription, retry: bytes) -> None:
-    bus = app.state.manager.bus
-    task_id = sub.snapshot.task_id
+class _TaskStream(_Stream):
+    __slots__ = ()
+    subscription: TaskSubscription
 
-    def render(events: list[Event]) -> bytes:
-        fresh = sub.fresh(events)
+    def render(self, events: list[Event]) -> bytes:
+        subscription = self.subscription
+        fresh = subscription.fresh(events)
         if not fresh:
             return b""
-        bus.delivered += len(fresh)
+        self._bus.delivered += len(fresh)
         chunk = b"".join([event.frame for event in fresh])
-        if sub.finished:
-            stream.finished = True
-            chunk += _end_frame(task_id, fresh[-1].status)
+        if subscription.finished:
+            self.finished = True
+            chunk += _end_frame(subscription.task_id, fresh[-1].status)
         return chunk
 
-    stream = _Stream(send, sub.subscriber, render, bus)
-    bus.delivered += len(sub.initial)
-    body = retry + b"".join(event.frame for event in sub.initial)
-    if sub.finished:
-        body += _end_frame(task_id, sub.initial[-1].status)
-        await send({"type": "http.response.body", "body": body, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-        return
-    await send({"type": "http.response.body", "body": body, "more_body": True})
-    await _run_watched(stream, receive, sub.subscriber)
 
+class _AllTasksStream(_Stream):
+    __slots__ = ()
+    subscription: AllTasksSubscription
 
-async def _pump_all(
-    app: TaskmonApp, receive: Receive, send: Send, sub: AllTasksSubscription, retry: bytes
-) -> None:
-    bus = app.state.manager.bus
-    frame_for = sub.frame_for
-
-    def render(events: list[Event]) -> bytes:
+    def render(self, events: list[Event]) -> bytes:
+        frame_for = self.subscription.frame_for
         frames = [frame for frame in map(frame_for, events) if frame is not None]
-        bus.delivered += len(frames)
+        self._bus.delivered += len(frames)
         return b"".join(frames)
-
-    snapshot = ServerSentEvent(
-        data=encode_json({"tasks": [task.to_dict() for task in sub.tasks]}), event="snapshot", sep="\n"
-    ).encode()
-    await send({"type": "http.response.body", "body": retry + snapshot, "more_body": True})
-    await _run_watched(_Stream(send, sub.subscriber, render, bus), receive, sub.subscriber)
-
-
-async def _run_watched(stream: _Stream, receive: Receive, subscriber: Subscriber) -> None:
-    watcher = asyncio.create_task(_watch_disconnect(receive, subscriber))
-    try:
-        await stream.run()
-    finally:
-        watcher.cancel()
