@@ -66,12 +66,19 @@ def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
 def _check_json(name: str, value: Any) -> None:
     # A snapshot is re-encoded inside deeper call stacks later (the listing, a response class): a value
     # that only just encodes here could fail there and break every later read, so nesting is capped.
+    # Whether it encodes at all is found out once, when the change's event is encoded (_commit).
     if _too_deep(value):
         raise ValueError(f"{name} is nested too deeply (at most {MAX_DEPTH} levels)")
-    try:
-        encode_json(value)
-    except (TypeError, ValueError, RecursionError):
-        raise ValueError(f"{name} must be JSON-serialisable") from None
+
+
+def _unencodable_field(task: Task) -> str:
+    """Which of a snapshot's free-form fields does not encode (the slow path of a failed commit)."""
+    for name in ("metadata", "progress_detail", "result"):
+        try:
+            encode_json(getattr(task, name))
+        except (TypeError, ValueError, RecursionError):
+            return name
+    return "task"
 
 
 def validate_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,7 +242,10 @@ class TaskManager:
 
     def _commit(self, task: Task) -> None:
         """Encode, save, publish. Called with the lock held; encoding first so a bad value changes nothing."""
-        event = Event.for_task(task)
+        try:
+            event = Event.for_task(task)
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError(f"{_unencodable_field(task)} must be JSON-serialisable") from None
         self._store.save(task)
         self._bus.publish(event)
 
