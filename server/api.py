@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
@@ -11,40 +9,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import require_api_token, require_read_token
+from .bodies import read_json
 from .errors import ApiError
 from .manager import MAX_LIST_LIMIT, TaskManager, parse_status
 from .models import TaskNotFoundError, is_task_id
 
-__all__ = ["read_json", "routes"]
-
-MAX_JSON_BYTES = 1024 * 1024
-
+__all__ = ["routes"]
 
 def _manager(request: Request) -> TaskManager:
     return request.app.state.manager
-
-
-async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400/413 ApiError."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is larger than {limit} bytes")
-    if not body.strip():
-        raise ApiError(400, "request body is empty; a JSON object is required")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON") from None
-    except RecursionError:  # e.g. 100,000 nested arrays: well within the size limit
-        raise ApiError(400, "request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
 
 
 def _task_id(request: Request) -> str:

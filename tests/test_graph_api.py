@@ -416,3 +416,13 @@ async def test_build_during_shutdown_is_a_503_and_leaves_nothing_pending(client:
     assert task.status is TaskStatus.FAILED
     project = (await client.get(f"/api/graph/project/{project_id}")).json()["data"]
     assert project["status"] == "failed"
+
+
+async def test_deeply_nested_build_request_is_400_never_500(client: httpx.AsyncClient, settings: Settings) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000  # ~200 KB: inside the 1 MiB limit, past the parser's recursion
+    response = await client.post(
+        "/api/graph/build", content=b'{"project_id": ' + nested + b"}", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json() == {"success": False, "error": "request body is nested too deeply"}
+    assert list((settings.data_dir / "projects").iterdir()) == []

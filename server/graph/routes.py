@@ -7,9 +7,7 @@ written; upstream (Zep) failures are 502 with a short, safe message.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
@@ -20,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from ..auth import require_api_token, require_read_token
+from ..bodies import limited_stream, read_json
 from ..errors import ApiError
 from .backends import BackendError, GraphNotFound, is_graph_id
 from .build import BuildSpec
@@ -39,12 +38,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FILES = 20
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the file bytes
-MAX_JSON_BODY = 1024 * 1024  # for the small JSON bodies (build requests)
 DEFAULT_PROJECT_NAME = "Untitled project"
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _service(request: Request) -> GraphService:
@@ -56,49 +50,6 @@ def _too_large(request: Request) -> ApiError:
     return ApiError(413, f"upload exceeds the limit of {_service(request).settings.max_upload_mb:g} MB")
 
 
-def _check_content_length(request: Request, limit: int, error: ApiError) -> None:
-    raw = request.headers.get("content-length")
-    if raw is None:
-        return
-    try:
-        length = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid Content-Length header") from None
-    if length > limit:
-        raise error
-
-
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    total = 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > limit:
-            raise _TooLarge
-        yield chunk
-
-
-async def _read_body(request: Request, limit: int, error: ApiError) -> bytes:
-    _check_content_length(request, limit, error)
-    parts = []
-    try:
-        async for chunk in _limited(request.stream(), limit):
-            parts.append(chunk)
-    except _TooLarge:
-        raise error from None
-    return b"".join(parts)
-
-
-async def _read_json_object(request: Request, limit: int = MAX_JSON_BODY, error: ApiError | None = None) -> dict[str, Any]:
-    body = await _read_body(request, limit, error or ApiError(413, "request body too large"))
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(400, "request body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
-
-
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
@@ -108,18 +59,14 @@ def _media_type(request: Request) -> str:
 
 async def _files_from_multipart(request: Request, limit: int) -> tuple[str | None, list[tuple[str, bytes]]]:
     """The form's ``name`` and every ``files`` part as (filename, bytes), sizes enforced as read."""
-    error = _too_large(request)
-    _check_content_length(request, limit + MULTIPART_OVERHEAD, error)
     parser = MultiPartParser(
         request.headers,
-        _limited(request.stream(), limit + MULTIPART_OVERHEAD),
+        limited_stream(request, limit + MULTIPART_OVERHEAD, _too_large(request)),
         max_files=MAX_FILES,
         max_fields=10,
     )
     try:
         form = await parser.parse()
-    except _TooLarge:
-        raise error from None
     except MultiPartException as exc:
         raise ApiError(400, f"invalid multipart body: {exc.message}") from None
     try:
@@ -141,7 +88,7 @@ async def _files_from_multipart(request: Request, limit: int) -> tuple[str | Non
             data = await upload.read()
             total += len(data)
             if total > limit:
-                raise error
+                raise _too_large(request)
             files.append((str(upload.filename), data))
         return name, files
     finally:
@@ -171,7 +118,7 @@ async def create_project(request: Request) -> JSONResponse:
         if name is None or not name.strip():
             name = sources[0].filename[:MAX_NAME_LENGTH]
     elif media == "application/json":
-        body = await _read_json_object(request, limit, _too_large(request))
+        body = await read_json(request, limit, _too_large(request))
         unknown = sorted(set(body) - {"name", "text"})
         if unknown:
             raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; allowed: name, text")
@@ -257,7 +204,7 @@ def _build_spec(body: dict[str, Any], default_name: str) -> BuildSpec:
 async def build_graph(request: Request) -> JSONResponse:
     require_api_token(request)
     service = _service(request)
-    body = await _read_json_object(request)
+    body = await read_json(request)
     unknown = sorted(set(body) - _BUILD_FIELDS)
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(_BUILD_FIELDS))}")
