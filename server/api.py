@@ -11,7 +11,7 @@ from starlette.routing import BaseRoute, Route
 from .auth import require_api_token, require_read_token
 from .bodies import read_json
 from .errors import ApiError
-from .manager import MAX_LIST_LIMIT, TaskManager, parse_status
+from .manager import TaskManager
 from .models import TaskNotFoundError, is_task_id
 
 __all__ = ["routes"]
@@ -38,19 +38,12 @@ async def get_task(request: Request) -> Response:
 async def list_tasks(request: Request) -> Response:
     require_read_token(request)
     query = request.query_params
-    status = None
-    if "status" in query:
-        try:
-            status = parse_status(query["status"])
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-    limit = None
-    if "limit" in query:
-        raw = query["limit"].strip()
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-            raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
-        limit = int(raw)
-    tasks = _manager(request).list_tasks(task_type=query.get("task_type"), status=status, limit=limit)
+    try:
+        tasks = _manager(request).list_tasks(
+            task_type=query.get("task_type"), status=query.get("status"), limit=query.get("limit")
+        )
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     return JSONResponse({"success": True, "data": [t.to_dict() for t in tasks], "count": len(tasks)})
 
 

@@ -45,8 +45,6 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 class TaskmonApp(Starlette):
     """Starlette, with the two SSE routes served ahead of the middleware stack (see streams.py)."""
 
-    settings: Settings
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             match = STREAM_PATH.match(scope["path"])
@@ -57,7 +55,7 @@ class TaskmonApp(Starlette):
         await super().__call__(scope, receive, send)
 
     def cors_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
-        allowed = self.settings.cors_origins
+        allowed = self.state.settings.cors_origins
         if not origin or not allowed or (origin not in allowed and "*" not in allowed):
             return []
         return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
@@ -77,7 +75,7 @@ async def _index(request: Request) -> Response:
 
 
 async def _retention_loop(app: TaskmonApp, manager: TaskManager) -> None:
-    settings = app.settings
+    settings = app.state.settings
     while True:
         await anyio.sleep(settings.cleanup_interval_s)
         try:
@@ -91,7 +89,7 @@ async def _retention_loop(app: TaskmonApp, manager: TaskManager) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
-    settings = app.settings
+    settings = app.state.settings
     store = open_store(settings.store_url)
     bus = EventBus(history=settings.history, queue_size=settings.queue_size)
     manager = TaskManager(store, bus)
@@ -147,6 +145,5 @@ def create_app(settings: Settings | None = None) -> TaskmonApp:
         exception_handlers=exception_handlers,
         lifespan=_lifespan,
     )
-    app.settings = settings
     app.state.settings = settings
     return app

@@ -102,7 +102,6 @@ class Subscriber:
         "closed",
         "ping_due",
         "last_send",
-        "coalesced",
         "queued",
         "on_ready",
         "_bus",
@@ -116,7 +115,6 @@ class Subscriber:
         self.closed = False
         self.ping_due = False
         self.last_send = bus.loop.time()
-        self.coalesced = 0
         self.queued = False  # already in the bus's ready list for the next flush
         self.on_ready: Callable[[], None] | None = None
         self._bus = bus
@@ -131,9 +129,7 @@ class Subscriber:
                 newest[pending.task_id] = pending
             newest[event.task_id] = event
             self.events = list(newest.values())
-            dropped = len(events) + 1 - len(self.events)
-            self.coalesced += dropped
-            self._bus.coalesced += dropped
+            self._bus.coalesced += len(events) + 1 - len(self.events)
         else:
             events.append(event)
         if not self.queued:
@@ -306,19 +302,16 @@ class EventBus:
 
     def count(self) -> tuple[int, int]:
         """(per-task subscribers, all-tasks subscribers)."""
-        return sum(len(s) for s in self._by_task.values()), len(self._all)
+        return self.open_streams - len(self._all), len(self._all)
 
-    def ping_quiet(self, quiet_s: float) -> int:
+    def ping_quiet(self, quiet_s: float) -> None:
         """Mark every subscriber that has sent nothing for ``quiet_s`` as due a heartbeat."""
         deadline = self._loop.time() - quiet_s
-        due = 0
         for subscriber in self.subscribers():
             if subscriber.last_send <= deadline and not subscriber.ping_due:
                 subscriber.ping()
-                due += 1
         if self.ready and not self._flush_scheduled:
             self._schedule_flush()
-        return due
 
     async def run_heartbeat(self, interval_s: float) -> None:
         """One timer for all streams: a stream is pinged after at most ~1.25 x interval of quiet."""

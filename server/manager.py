@@ -25,7 +25,7 @@ from .models import (
 )
 from .stores import TaskStore
 
-__all__ = ["TaskManager", "validate_changes", "parse_status", "MAX_LIST_LIMIT"]
+__all__ = ["TaskManager", "validate_changes", "parse_limit", "parse_status", "MAX_LIST_LIMIT"]
 
 MAX_LIST_LIMIT = 1000
 MAX_TEXT = 10_000
@@ -44,6 +44,16 @@ def parse_status(value: Any) -> TaskStatus:
     except ValueError:
         allowed = ", ".join(s.value for s in TaskStatus)
         raise ValueError(f"status must be one of: {allowed}") from None
+
+
+def parse_limit(value: Any) -> int:
+    """A listing limit, 1..1000, given as an int or as the text of a query parameter."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.isascii() and text.isdigit() else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST_LIMIT:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return value
 
 
 def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
@@ -144,13 +154,14 @@ class TaskManager:
         self,
         task_type: str | None = None,
         status: TaskStatus | str | None = None,
-        limit: int | None = None,
+        limit: int | str | None = None,
     ) -> list[Task]:
-        """Newest first. ``limit`` is 1..1000 when given."""
-        if limit is not None and (isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT):
-            raise ValueError(f"limit must be from 1 to {MAX_LIST_LIMIT}")
-        parsed = parse_status(status) if status is not None else None
-        return self._store.list(task_type=task_type, status=parsed, limit=limit)
+        """Newest first. ``status`` and ``limit`` (1..1000) may be given as query text; a bad one is a ValueError."""
+        return self._store.list(
+            task_type=task_type,
+            status=parse_status(status) if status is not None else None,
+            limit=parse_limit(limit) if limit is not None else None,
+        )
 
     def count_by_status(self) -> dict[TaskStatus, int]:
         return self._store.count_by_status()

@@ -51,8 +51,8 @@ def _end_frame(task_id: str, status: TaskStatus) -> bytes:
     return ServerSentEvent(data=data, event="end", sep="\n").encode()
 
 
-async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
-    payload = encode_json(body).encode()
+async def _error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    payload = encode_json({"success": False, "error": message}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -65,10 +65,6 @@ async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tup
         }
     )
     await send({"type": "http.response.body", "body": payload})
-
-
-async def _error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
-    await _json(send, status, {"success": False, "error": message}, headers)
 
 
 async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:

@@ -116,10 +116,6 @@ class LiveServer:
         self._server = None
         self._thread = None
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` as a job thread would (the manager is thread-safe)."""
-        return fn(*args, **kwargs)
-
 
 @pytest.fixture
 def live_server() -> Callable[[Settings], Any]:
