@@ -21,6 +21,22 @@ from server.settings import Settings
 
 IN_CI = bool(os.environ.get("CI"))
 
+# The task object's keys in wire order: MiroFish's Task.to_dict(), then our `version` (PROTOCOL.md).
+MIROFISH_KEYS = [
+    "task_id",
+    "task_type",
+    "status",
+    "created_at",
+    "updated_at",
+    "progress",
+    "message",
+    "progress_detail",
+    "result",
+    "error",
+    "metadata",
+]
+TASK_KEYS = [*MIROFISH_KEYS, "version"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

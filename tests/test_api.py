@@ -11,7 +11,7 @@ from datetime import datetime
 import anyio
 import httpx
 import pytest
-from conftest import running
+from conftest import TASK_KEYS, running
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,20 +21,6 @@ from server.settings import Settings
 pytestmark = pytest.mark.anyio
 
 MIB = 1024 * 1024
-TASK_KEYS = [
-    "task_id",
-    "task_type",
-    "status",
-    "created_at",
-    "updated_at",
-    "progress",
-    "message",
-    "progress_detail",
-    "result",
-    "error",
-    "metadata",
-    "version",
-]
 
 
 def assert_error(response: httpx.Response, status: int) -> str:

@@ -9,21 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from conftest import MIROFISH_KEYS, TASK_KEYS
 from server.models import TRANSITIONS, Task, TaskStatus, is_task_id
 
-MIROFISH_KEYS = [
-    "task_id",
-    "task_type",
-    "status",
-    "created_at",
-    "updated_at",
-    "progress",
-    "message",
-    "progress_detail",
-    "result",
-    "error",
-    "metadata",
-]
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\+00:00$")
 
 
@@ -42,7 +30,7 @@ def make_task(**changes) -> Task:
 
 def test_to_dict_has_the_eleven_mirofish_keys_in_order_then_version():
     data = make_task().to_dict()
-    assert list(data) == [*MIROFISH_KEYS, "version"]
+    assert list(data) == [*MIROFISH_KEYS, "version"] == TASK_KEYS
 
 
 def test_to_dict_values_and_defaults():

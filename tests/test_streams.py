@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,8 +35,17 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
-async def collect(http: httpx.AsyncClient, url: str, *, stop: str | None = "end", **kw: Any) -> list[ServerSentEvent]:
-    """Every event until ``stop`` (inclusive) or until the server closes the stream."""
+async def collect(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    stop: str | None = "end",
+    react: Callable[[ServerSentEvent], Awaitable[None] | None] | None = None,
+    **kw: Any,
+) -> list[ServerSentEvent]:
+    """Every event until ``stop`` (inclusive; None: until the server closes the stream).
+
+    ``react(event)`` runs on each event as it arrives (sync or async), to change tasks mid-stream."""
     events: list[ServerSentEvent] = []
     with anyio.fail_after(10):
         async with aconnect_sse(http, "GET", url, **kw) as source:
@@ -43,6 +53,10 @@ async def collect(http: httpx.AsyncClient, url: str, *, stop: str | None = "end"
                 if event.data == "":
                     continue  # a block without data (our opening `retry:`) dispatches no event (SSE spec)
                 events.append(event)
+                if react is not None:
+                    outcome = react(event)
+                    if inspect.isawaitable(outcome):
+                        await outcome
                 if event.event == stop:
                     break
     return events
@@ -97,27 +111,23 @@ async def test_stream_opens_with_retry_then_snapshot(live_server, settings):
 async def test_every_change_in_order_then_end_and_close(live_server, settings):
     async with serving(live_server, settings) as (srv, http):
         created = (await http.post("/api/tasks", json={"task_type": "demo"})).json()["data"]
-        url = f"/tasks/{created['task_id']}/stream"
-        events: list[ServerSentEvent] = []
-        with anyio.fail_after(10):
-            async with aconnect_sse(http, "GET", url) as source:
-                async for event in source.aiter_sse():
-                    if event.data == "":
-                        continue
-                    events.append(event)
-                    if event.event == "task" and event.id == "1":
-                        tid = created["task_id"]
-                        await http.patch(f"/api/tasks/{tid}", json={"status": "processing", "progress": 10})
-                        await http.patch(f"/api/tasks/{tid}", json={"progress": 50, "message": "half"})
-                        await http.patch(f"/api/tasks/{tid}", json={"status": "completed", "result": {"n": 1}})
-                # the loop ends only because the server closed the stream after `end`
+        tid = created["task_id"]
+
+        async def produce(event: ServerSentEvent) -> None:
+            if event.event == "task" and event.id == "1":
+                await http.patch(f"/api/tasks/{tid}", json={"status": "processing", "progress": 10})
+                await http.patch(f"/api/tasks/{tid}", json={"progress": 50, "message": "half"})
+                await http.patch(f"/api/tasks/{tid}", json={"status": "completed", "result": {"n": 1}})
+
+        # stop=None: collecting ends only because the server closes the stream after `end`
+        events = await collect(http, f"/tasks/{tid}/stream", stop=None, react=produce)
         assert [e.event for e in events] == ["task", "task", "task", "task", "end"]
         assert [e.id for e in events[:4]] == ["1", "2", "3", "4"]
         assert versions(events) == [1, 2, 3, 4]
         final = json.loads(events[3].data)
         assert final["status"] == "completed" and final["result"] == {"n": 1} and final["progress"] == 100
         assert json.loads(events[4].data) == {"task_id": created["task_id"], "status": "completed"}
-        assert events[4].id == "4" or events[4].id == ""  # `end` sets no id of its own
+        assert events[4].id == "4"  # `end` carries no id of its own: the last event id stays the terminal version
 
 
 async def test_reconnect_at_terminal_version_is_204(live_server, settings):
@@ -386,20 +396,17 @@ async def test_all_tasks_stream(live_server, settings):
     async with serving(live_server, settings) as (srv, http):
         manager = srv.manager
         existing = manager.create_task("import")
-        events: list[ServerSentEvent] = []
-        with anyio.fail_after(10):
-            async with aconnect_sse(http, "GET", "/tasks/stream") as source:
-                async for event in source.aiter_sse():
-                    if event.data == "":
-                        continue
-                    events.append(event)
-                    if event.event == "snapshot":
-                        new = manager.create_task("graph_build")
-                        manager.update_task(new.task_id, status="processing", progress=5)
-                        manager.update_task(existing.task_id, status="failed", error="x")
-                        manager.cleanup_old_tasks(0)
-                    if event.event == "removed":
-                        break
+        created = []
+
+        def produce(event: ServerSentEvent) -> None:
+            if event.event == "snapshot":
+                created.append(new := manager.create_task("graph_build"))
+                manager.update_task(new.task_id, status="processing", progress=5)
+                manager.update_task(existing.task_id, status="failed", error="x")
+                manager.cleanup_old_tasks(0)
+
+        events = await collect(http, "/tasks/stream", stop="removed", react=produce)
+        (new,) = created
         snapshot = json.loads(events[0].data)
         assert [t["task_id"] for t in snapshot["tasks"]] == [existing.task_id]
         kinds = [(e.event, json.loads(e.data).get("task_id")) for e in events[1:]]
@@ -417,20 +424,17 @@ async def test_all_tasks_stream_filters(live_server, settings):
         manager = srv.manager
         other = manager.create_task("import")
         mine = manager.create_task("graph_build")
-        events: list[ServerSentEvent] = []
-        with anyio.fail_after(10):
-            async with aconnect_sse(http, "GET", "/tasks/stream?status=processing&task_type=graph_build") as source:
-                async for event in source.aiter_sse():
-                    if event.data == "":
-                        continue
-                    events.append(event)
-                    if event.event == "snapshot":
-                        manager.update_task(other.task_id, status="processing")  # wrong type: unseen
-                        manager.update_task(mine.task_id, status="processing")  # moves in
-                        manager.update_task(mine.task_id, progress=50)
-                        manager.update_task(mine.task_id, status="failed", error="e")  # moves out
-                    if event.event == "removed":
-                        break
+
+        def produce(event: ServerSentEvent) -> None:
+            if event.event == "snapshot":
+                manager.update_task(other.task_id, status="processing")  # wrong type: unseen
+                manager.update_task(mine.task_id, status="processing")  # moves in
+                manager.update_task(mine.task_id, progress=50)
+                manager.update_task(mine.task_id, status="failed", error="e")  # moves out
+
+        events = await collect(
+            http, "/tasks/stream?status=processing&task_type=graph_build", stop="removed", react=produce
+        )
         assert json.loads(events[0].data) == {"tasks": []}
         seen = [(e.event, json.loads(e.data)) for e in events[1:]]
         assert [kind for kind, _ in seen] == ["task", "task", "removed"]
