@@ -1,8 +1,8 @@
-"""JSON endpoints: the legacy snapshot GETs, the producer API, health and metrics."""
+"""JSON endpoints: the legacy snapshot GETs, the producer API, the event log, health and metrics."""
 
 from __future__ import annotations
 
-
+import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -10,11 +10,18 @@ from starlette.routing import BaseRoute, Route
 
 from .auth import require_api_token, require_read_token
 from .bodies import read_json
+from .bus import encode_json
 from .errors import ApiError
-from .manager import TaskManager
+from .manager import FieldTooLarge, TaskManager
 from .models import TaskNotFoundError, is_task_id
+from .query import MAX_LIST_LIMIT, TaskQuery, parse_limit
+from .stores import StoreUnavailable
 
 __all__ = ["routes"]
+
+_JSON = "application/json"
+_OFF_LOOP = 50  # listings longer than this are encoded in a worker thread
+
 
 def _manager(request: Request) -> TaskManager:
     return request.app.state.manager
@@ -27,53 +34,111 @@ def _task_id(request: Request) -> str:
     return task_id
 
 
+def _task_response(body: str, status_code: int = 200) -> Response:
+    """A task answer built around the snapshot's wire JSON, encoded once by the manager."""
+    return Response('{"success":true,"data":' + body + "}", status_code=status_code, media_type=_JSON)
+
+
+def _bad_value(exc: ValueError) -> ApiError:
+    return ApiError(413 if isinstance(exc, FieldTooLarge) else 400, str(exc))
+
+
 async def get_task(request: Request) -> Response:
     require_read_token(request)
-    task = _manager(request).get_task(_task_id(request))
+    manager = _manager(request)
+    task = await manager.aget_task(_task_id(request))
     if task is None:
         raise TaskNotFoundError(request.path_params["task_id"])
-    return JSONResponse({"success": True, "data": task.to_dict()})
+    return _task_response(encode_json(manager.wire(task)))
+
+
+def _query(request: Request) -> TaskQuery:
+    try:
+        return TaskQuery.from_params(request.query_params, allowed_extra=("access_token",))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 async def list_tasks(request: Request) -> Response:
     require_read_token(request)
-    query = request.query_params
-    try:
-        tasks = _manager(request).list_tasks(
-            task_type=query.get("task_type"), status=query.get("status"), limit=query.get("limit")
-        )
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    return JSONResponse({"success": True, "data": [t.to_dict() for t in tasks], "count": len(tasks)})
+    manager = _manager(request)
+    page = await manager.alist(_query(request))
+
+    def encode() -> bytes:
+        data = [manager.wire(t) for t in page.tasks]
+        return encode_json({"success": True, "data": data, "count": len(data), "next_cursor": page.next_cursor}).encode()
+
+    body = await anyio.to_thread.run_sync(encode) if len(page.tasks) > _OFF_LOOP else encode()
+    return Response(body, media_type=_JSON)
+
+
+async def count_tasks(request: Request) -> Response:
+    require_read_token(request)
+    query = _query(request)
+    if query.after is not None or query.limit is not None:
+        raise ApiError(400, "counts take filters only (no cursor or limit)")
+    counts = await _manager(request).acounts(query)
+    return JSONResponse({"success": True, "data": {s.value: n for s, n in counts.items()}})
 
 
 async def create_task(request: Request) -> Response:
     require_api_token(request)
     body = await read_json(request)
-    unknown = sorted(set(body) - {"task_type", "metadata"})
+    unknown = sorted(set(body) - {"task_type", "metadata", "lease_s"})
     if unknown:
-        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; allowed: task_type, metadata")
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; allowed: task_type, metadata, lease_s")
     if "task_type" not in body:
         raise ApiError(400, "task_type is required")
     try:
-        task = _manager(request).create_task(body["task_type"], body.get("metadata"))
+        _task, encoded = await _manager(request).acreate(body["task_type"], body.get("metadata"), lease_s=body.get("lease_s"))
     except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    return JSONResponse({"success": True, "data": task.to_dict()}, status_code=201)
+        raise _bad_value(exc) from None
+    return _task_response(encoded, 201)
 
 
 async def patch_task(request: Request) -> Response:
     require_api_token(request)
     task_id = _task_id(request)
     manager = _manager(request)
-    if manager.get_task(task_id) is None:  # 404 before the body is even read
+    if await manager.aget_task(task_id) is None:  # 404 before the body is even read
         raise TaskNotFoundError(task_id)
     body = await read_json(request)
     try:
-        task = manager.patch_task(task_id, body)
+        _task, encoded = await manager.apatch(task_id, body)
     except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    return JSONResponse({"success": True, "data": task.to_dict()})
+        raise _bad_value(exc) from None
+    return _task_response(encoded)
+
+
+async def cancel_task(request: Request) -> Response:
+    require_api_token(request)
+    _task, encoded = await _manager(request).acancel(_task_id(request))
+    return _task_response(encoded, 202)
+
+
+async def task_events(request: Request) -> Response:
+    require_read_token(request)
+    task_id = _task_id(request)
+    manager = _manager(request)
+    query = request.query_params
+    unknown = sorted(set(query) - {"after", "limit", "access_token"})
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
+    raw_after = query.get("after", "0").strip()
+    if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) < 19):
+        raise ApiError(400, "after must be a version number (0 or more)")
+    try:
+        limit = parse_limit(query["limit"]) if "limit" in query else 100
+    except ValueError:
+        raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}") from None
+    if await manager.aget_task(task_id) is None:
+        raise TaskNotFoundError(task_id)
+    events = await manager.aevents(task_id, int(raw_after), limit + 1)
+    more = len(events) > limit
+    events = events[:limit]
+    next_after = events[-1][0] if more else None
+    body = '{"success":true,"data":[' + ",".join(b for _v, b in events) + '],"next_after":' + encode_json(next_after) + "}"
+    return Response(body, media_type=_JSON)
 
 
 async def healthz(request: Request) -> Response:
@@ -81,9 +146,18 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"success": True, "status": "ok", "streams": bus.open_streams})
 
 
+async def readyz(request: Request) -> Response:
+    try:
+        await _manager(request).store.aping()
+    except StoreUnavailable as exc:
+        raise ApiError(503, f"the store is not reachable: {exc}") from None
+    return JSONResponse({"success": True, "status": "ready"})
+
+
 async def metrics(request: Request) -> Response:
     require_read_token(request)
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+    registry = request.app.state.registry
+    return Response(await anyio.to_thread.run_sync(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def routes() -> list[BaseRoute]:
@@ -91,7 +165,11 @@ def routes() -> list[BaseRoute]:
         Route("/api/graph/task/{task_id}", get_task, methods=["GET"]),
         Route("/api/graph/tasks", list_tasks, methods=["GET"]),
         Route("/api/tasks", create_task, methods=["POST"]),
+        Route("/api/tasks/counts", count_tasks, methods=["GET"]),
         Route("/api/tasks/{task_id}", patch_task, methods=["PATCH"]),
+        Route("/api/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
+        Route("/api/tasks/{task_id}/events", task_events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

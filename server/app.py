@@ -87,13 +87,31 @@ async def _retention_loop(app: TaskmonApp, manager: TaskManager) -> None:
             logger.info("retention cleanup", extra={"removed": len(removed)})
 
 
+async def _sweep(manager: TaskManager) -> None:
+    """Lease and cancel-grace decisions; they commit changes, so they run off the loop."""
+    failed = await anyio.to_thread.run_sync(manager.sweep)
+    for reason, ids in failed.items():
+        if ids:
+            logger.warning("tasks failed by the monitor", extra={"reason": reason, "count": len(ids)})
+
+
 @asynccontextmanager
 async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
     settings = app.state.settings
-    store = open_store(settings.store_url)
-    bus = EventBus(history=settings.history, queue_size=settings.queue_size)
-    manager = TaskManager(store, bus)
-    recovered = manager.recover_interrupted()
+    store = await anyio.to_thread.run_sync(
+        lambda: open_store(settings.store_url, history=settings.history, history_bytes=settings.history_kb * 1024)
+    )
+    bus = EventBus(queue_size=settings.queue_size)
+    manager = TaskManager(
+        store,
+        bus,
+        stale_after_s=settings.stale_after_s,
+        cancel_grace_s=settings.cancel_grace_s,
+        default_lease_s=settings.lease_s,
+    )
+    bus.hook = manager.recover_stale
+    await store.start(manager.on_feed)
+    recovered = await anyio.to_thread.run_sync(manager.recover_interrupted)
     if recovered:
         logger.warning("tasks interrupted by the previous shutdown marked failed", extra={"count": len(recovered)})
     jobs = JobRunner(manager, settings.job_workers)
@@ -105,6 +123,9 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
     background = {
         asyncio.create_task(bus.run_heartbeat(settings.heartbeat_s), name="taskmon-heartbeat"),
         asyncio.create_task(_retention_loop(app, manager), name="taskmon-retention"),
+        asyncio.create_task(
+            manager.run_monitor(settings.monitor_interval_s, lambda: _sweep(manager)), name="taskmon-monitor"
+        ),
     }
     gc.freeze()  # the long-lived start-up objects leave the GC's generations: cheaper collections
     logger.info("taskmon started", extra={"store": settings.store_url.split(":", 1)[0]})
@@ -117,7 +138,7 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
         await asyncio.gather(*background, return_exceptions=True)
         await anyio.to_thread.run_sync(jobs.shutdown)
         graph.close()
-        store.close()
+        await store.aclose()
         logger.info("taskmon stopped")
 
 

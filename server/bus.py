@@ -14,7 +14,7 @@ Design (see the performance issue and README's Performance section for the numbe
   next poll for I/O: a stream writes everything pending as one chunk from that flush (see
   ``streams._Stream``), so under load more events share each write instead of each costing a wake-up.
 * One heartbeat loop marks quiet subscribers instead of a timer per stream.
-* A bounded per-task history serves ``Last-Event-ID`` replay.
+* ``Last-Event-ID`` replay reads the store's durable event log (``TaskStore.events``), not the bus.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def removed_frame(task_id: str) -> bytes:
 
 
 class Event:
-    """One change, encoded once. ``frame`` carries ``id: <version>`` (per-task streams);
-    ``frame_all`` is the same event without an id (all-tasks stream)."""
+    """One change (or announcement), encoded once. ``frame`` carries ``id: <version>`` (per-task
+    streams); ``frame_all`` is the same event without an id (all-tasks stream). The frames are built
+    on first use, on the loop, from the wire JSON the manager encoded once."""
 
-    __slots__ = ("kind", "task_id", "task_type", "status", "version", "terminal", "task", "frame", "frame_all")
+    __slots__ = ("kind", "task_id", "task_type", "status", "version", "terminal", "body", "_task", "_frame", "_frame_all")
 
     def __init__(
         self,
@@ -61,9 +62,8 @@ class Event:
         task_type: str,
         status: TaskStatus,
         version: int,
-        task: dict[str, Any] | None,
-        frame: bytes,
-        frame_all: bytes,
+        body: str | None,
+        task: Task | None = None,
     ) -> None:
         self.kind = kind
         self.task_id = task_id
@@ -71,21 +71,64 @@ class Event:
         self.status = status
         self.version = version
         self.terminal = kind == "task" and status.is_terminal
-        self.task = task
-        self.frame = frame
-        self.frame_all = frame_all
+        self.body = body
+        self._task = task
+        self._frame: bytes | None = None
+        self._frame_all: bytes | None = None
 
     @classmethod
-    def for_task(cls, task: Task) -> Event:
-        body = task.to_dict()
-        frame_all = _frame(encode_json(body), "task")
-        frame = b"id: %d\n" % task.version + frame_all
-        return cls("task", task.task_id, task.task_type, task.status, task.version, body, frame, frame_all)
+    def from_body(cls, task: Task, body: str) -> Event:
+        return cls("task", task.task_id, task.task_type, task.status, task.version, body, task)
+
+    @classmethod
+    def for_task(cls, task: Task, stale: bool = False) -> Event:
+        return cls.from_body(task, encode_json(task.to_dict(stale=stale)))
+
+    @classmethod
+    def from_json(cls, body: str) -> Event:
+        """From a stored snapshot's wire JSON (a replay)."""
+        task = Task.from_dict(json.loads(body))
+        return cls.from_body(task, body)
 
     @classmethod
     def removed(cls, task: Task) -> Event:
-        frame = removed_frame(task.task_id)
-        return cls("removed", task.task_id, task.task_type, task.status, task.version, None, frame, frame)
+        return cls("removed", task.task_id, task.task_type, task.status, task.version, encode_json({"task_id": task.task_id}))
+
+    @classmethod
+    def stale(cls, task_id: str, task_type: str, status: TaskStatus, stale: bool) -> Event:
+        body = encode_json({"task_id": task_id, "stale": stale})
+        return cls("stale", task_id, task_type, status, 0, body)
+
+    @staticmethod
+    def frame_of(kind: str, data: str, event_id: str | None = None) -> bytes:
+        return _frame(data, kind, event_id)
+
+    @property
+    def frame_all(self) -> bytes:
+        frame = self._frame_all
+        if frame is None:
+            frame = self._frame_all = _frame(self.body or "", self.kind)
+        return frame
+
+    @property
+    def frame(self) -> bytes:
+        frame = self._frame
+        if frame is None:
+            frame = self.frame_all
+            if self.kind == "task":
+                frame = b"id: %d\n" % self.version + frame
+            self._frame = frame
+        return frame
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The snapshot as the wire dict."""
+        return json.loads(self.body or "null")
+
+    def snapshot(self) -> Task:
+        if self._task is None:
+            self._task = Task.from_dict(self.task)
+        return self._task
 
 
 class Subscriber:
@@ -104,6 +147,8 @@ class Subscriber:
         "last_send",
         "queued",
         "on_ready",
+        "overflowed",
+        "_latest",
         "_bus",
     )
 
@@ -117,21 +162,36 @@ class Subscriber:
         self.last_send = bus.loop.time()
         self.queued = False  # already in the bus's ready list for the next flush
         self.on_ready: Callable[[], None] | None = None
+        self.overflowed = False  # more distinct tasks pending than the buffer holds: resynchronise
+        self._latest: dict[str, Event] | None = None  # coalescing mode: the newest pending event per task
         self._bus = bus
 
     def push(self, event: Event) -> None:
+        """O(1) whatever the reader does: a full buffer turns into "newest event per task" once, and a
+        reader with more distinct tasks pending than that is marked ``overflowed`` (its stream then
+        closes, and the client reconnects to a fresh snapshot) instead of growing without bound."""
         if self.closed:
             return
-        events = self.events
-        if len(events) >= self.maxsize:
-            newest: dict[str, Event] = {}
-            for pending in events:
-                newest[pending.task_id] = pending
-            newest[event.task_id] = event
-            self.events = list(newest.values())
-            self._bus.coalesced += len(events) + 1 - len(self.events)
+        latest = self._latest
+        if latest is not None:
+            key = event.task_id if event.kind != "stale" else "stale:" + event.task_id
+            if latest.pop(key, None) is not None:
+                self._bus.coalesced += 1
+            latest[key] = event
+            if len(latest) > self.maxsize * 4:
+                self.overflowed = True
+        elif len(self.events) >= self.maxsize:
+            latest = self._latest = {}
+            for pending in self.events:
+                key = pending.task_id if pending.kind != "stale" else "stale:" + pending.task_id
+                if latest.pop(key, None) is not None:
+                    self._bus.coalesced += 1
+                latest[key] = pending
+            self.events = []
+            self.push(event)
+            return
         else:
-            events.append(event)
+            self.events.append(event)
         if not self.queued:
             self.queued = True
             self._bus.ready.append(self)
@@ -152,7 +212,12 @@ class Subscriber:
             waiter.set_result(None)
 
     def take(self) -> list[Event]:
-        events = self.events
+        latest = self._latest
+        if latest is not None:
+            self._latest = None
+            events = list(latest.values())
+        else:
+            events = self.events
         self.events = []
         self.ping_due = False
         self.last_send = self._bus.loop.time()
@@ -160,7 +225,7 @@ class Subscriber:
 
     async def wait(self) -> None:
         """Return once there is something to send (events or a ping) or the subscriber closed."""
-        if self.events or self.ping_due or self.closed:
+        if self.events or self._latest or self.ping_due or self.closed:
             return
         await self.wait_wake()
 
@@ -175,10 +240,9 @@ class Subscriber:
 
 
 class EventBus:
-    def __init__(self, history: int = 256, queue_size: int = 64) -> None:
+    def __init__(self, queue_size: int = 64) -> None:
         self.loop = self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._history_len = history
         self._queue_size = queue_size
         self._pending: deque[Event] = deque()
         self._drain_scheduled = False
@@ -186,7 +250,7 @@ class EventBus:
         self._flush_scheduled = False
         self._by_task: dict[str, set[Subscriber]] = {}
         self._all: set[Subscriber] = set()
-        self._history: dict[str, deque[Event]] = {}
+        self.hook: Callable[[Event], None] | None = None  # sees every event before its fan-out
         self._closed = False
         self.open_streams = 0
         # Plain ints, read by the metrics collector at scrape time: no per-event metric locks.
@@ -218,13 +282,9 @@ class EventBus:
 
     def _fanout(self, event: Event) -> None:
         self.published += 1
-        if event.kind == "task":
-            history = self._history.get(event.task_id)
-            if history is None:
-                history = self._history[event.task_id] = deque(maxlen=self._history_len)
-            history.append(event)
-        else:
-            self._history.pop(event.task_id, None)
+        hook = self.hook
+        if hook is not None:
+            hook(event)
         subscribers = self._by_task.get(event.task_id)
         if subscribers:
             for subscriber in subscribers:
@@ -233,6 +293,10 @@ class EventBus:
             subscriber.push(event)
         if self.ready and not self._flush_scheduled:
             self._schedule_flush()
+
+    def fanout_now(self, event: Event) -> None:
+        """Fan an event out at once (loop thread; e.g. from ``hook``, before the event it saw)."""
+        self._fanout(event)
 
     def _schedule_flush(self) -> None:
         # Not now: the publisher may hold the manager's lock. And not at the end of this loop turn
@@ -286,13 +350,6 @@ class EventBus:
         self.open_streams -= 1
         if subscriber.topic is not None and not registered:
             del self._by_task[subscriber.topic]
-
-    def history_after(self, task_id: str, version: int) -> list[Event] | None:
-        """Every held event of the task after ``version``, or None when the history no longer reaches back."""
-        history = self._history.get(task_id)
-        if not history or history[0].version > version + 1:
-            return None
-        return [event for event in history if event.version > version]
 
     # -- housekeeping ---------------------------------------------------------------------------
     def subscribers(self) -> Iterator[Subscriber]:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .models import TaskNotFoundError, TaskStateError
+from .stores import StoreUnavailable
 
 __all__ = ["ApiError", "error_response", "exception_handlers"]
 
@@ -48,6 +49,11 @@ async def _conflict(request: Request, exc: Exception) -> Response:
     return error_response(409, str(exc))
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning("store unavailable", extra={"path": request.url.path, "reason": str(exc)})
+    return error_response(503, "the task store is not reachable; retry later", headers={"Retry-After": "1"})
+
+
 _HTTP_MESSAGES = {404: "not found", 405: "method not allowed"}
 
 
@@ -69,6 +75,7 @@ exception_handlers: dict[Any, Any] = {
     ApiError: _api_error,
     TaskNotFoundError: _not_found,
     TaskStateError: _conflict,
+    StoreUnavailable: _unavailable,
     HTTPException: _http_exception,
     Exception: _server_error,
 }

@@ -13,7 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from .manager import TaskManager
-from .models import TaskNotFoundError, TaskStateError
+from .manager import CANCELLED
+from .models import TaskCancelled, TaskNotFoundError, TaskStateError
 
 __all__ = ["JobContext", "JobFailed", "JobRunner"]
 
@@ -38,7 +39,8 @@ class JobContext:
         message: str | None = None,
         progress_detail: dict[str, Any] | None = None,
     ) -> None:
-        """Progress for the watchers; raises JobFailed when the server is shutting down."""
+        """Progress for the watchers; raises JobFailed when the server is shutting down and
+        TaskCancelled when a cancel was requested (the runner then fails the task "cancelled")."""
         if self.cancelled.is_set():
             raise JobFailed(INTERRUPTED)
         self.manager.update_task(self.task_id, progress=progress, message=message, progress_detail=progress_detail)
@@ -79,6 +81,9 @@ class JobRunner:
             result = fn(ctx)
         except JobFailed as exc:
             self._finish(task_id, error=str(exc))
+        except TaskCancelled:
+            logger.info("job cancelled", extra={"task_id": task_id})
+            self._finish(task_id, error=CANCELLED)
         except Exception:
             logger.exception("job crashed", extra={"task_id": task_id})
             self._finish(task_id, error="internal error while running the job")

@@ -1,59 +1,76 @@
 """TaskManager: the one owner of task state.
 
-Every change goes validate -> bump version -> save -> publish, under one lock, so versions, stored
-snapshots and published events agree and come in the same order whichever thread made the change.
+Every change is computed here, once for every store: validate, check the transition, version + 1,
+timing (started/finished, rate, ETA), encode the snapshot once. The store then commits it with a
+compare-and-set on the version (``stores/__init__.py``). In-process stores (memory, sqlite) are
+guarded by the manager's lock, so a change and its publish are atomic with respect to other changes
+and events reach the bus in version order; the shared store (redis) needs no lock: a racing change
+gets ``Conflict``, is recomputed from the new snapshot and either applies or fails as the rules say,
+and events reach every process's bus from the store's one ordered stream.
+
+Two faces: plain methods for job threads and other processes (``update_task`` costs the caller no
+store I/O on memory/sqlite: the write happens in the store's writer), and ``a``-prefixed coroutines
+for the routes, which never block the event loop and return once the change is durable.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from .bus import Event, EventBus, Subscriber, encode_json, removed_frame
 from .models import (
+    RATE_WINDOW,
     TRANSITIONS,
     Task,
+    TaskCancelled,
     TaskNotFoundError,
     TaskStateError,
     TaskStatus,
+    estimate_rate,
     utcnow,
 )
-from .stores import TaskStore
+from .query import MAX_LIST_LIMIT, Page, TaskQuery, parse_limit, parse_status
+from .stores import Conflict, TaskStore
 
-__all__ = ["TaskManager", "validate_changes", "parse_limit", "parse_status", "MAX_LIST_LIMIT"]
+__all__ = [
+    "CANCELLED",
+    "INTERRUPTED",
+    "MAX_LIST_LIMIT",
+    "TaskManager",
+    "parse_limit",
+    "parse_status",
+    "validate_changes",
+]
 
-MAX_LIST_LIMIT = 1000
+logger = logging.getLogger(__name__)
+
 MAX_TEXT = 10_000
 MAX_DEPTH = 64  # nesting of metadata / progress_detail / result
+# Encoded size limits per free-form field (bytes of JSON): a snapshot stays small enough that a
+# history of them, a replay and a listing stay bounded.
+FIELD_LIMITS = {"metadata": 64 * 1024, "progress_detail": 64 * 1024, "result": 256 * 1024}
+_SMALL = min(FIELD_LIMITS.values())
+MAX_LEASE_S = 7 * 24 * 3600.0
 INTERRUPTED = "interrupted: the server stopped before this task finished"
+CANCELLED = "cancelled"
+REPLAY_PAGE = 32  # events read from the store per step of a Last-Event-ID replay
 
 _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
+_RETRIES = 20  # compare-and-set attempts of one change on a shared store
 
 
-def parse_status(value: Any) -> TaskStatus:
-    if isinstance(value, TaskStatus):
-        return value
-    try:
-        return TaskStatus(value)
-    except ValueError:
-        allowed = ", ".join(s.value for s in TaskStatus)
-        raise ValueError(f"status must be one of: {allowed}") from None
-
-
-def parse_limit(value: Any) -> int:
-    """A listing limit, 1..1000, given as an int or as the text of a query parameter."""
-    if isinstance(value, str):
-        text = value.strip()
-        value = int(text) if text.isascii() and text.isdigit() else None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST_LIMIT:
-        raise ValueError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
-    return value
+class FieldTooLarge(ValueError):
+    """A free-form field is over its size limit (HTTP 413, naming the field)."""
 
 
 def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
@@ -76,19 +93,8 @@ def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
 def _check_json(name: str, value: Any) -> None:
     # A snapshot is re-encoded inside deeper call stacks later (the listing, a response class): a value
     # that only just encodes here could fail there and break every later read, so nesting is capped.
-    # Whether it encodes at all is found out once, when the change's event is encoded (_commit).
     if _too_deep(value):
         raise ValueError(f"{name} is nested too deeply (at most {MAX_DEPTH} levels)")
-
-
-def _unencodable_field(task: Task) -> str:
-    """Which of a snapshot's free-form fields does not encode (the slow path of a failed commit)."""
-    for name in ("metadata", "progress_detail", "result"):
-        try:
-            encode_json(getattr(task, name))
-        except (TypeError, ValueError, RecursionError):
-            return name
-    return "task"
 
 
 def validate_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,6 +133,14 @@ def validate_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def validate_lease(lease_s: Any) -> float | None:
+    if lease_s is None:
+        return None
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s <= MAX_LEASE_S:
+        raise ValueError(f"lease_s must be a positive number of seconds, at most {MAX_LEASE_S:g}")
+    return float(lease_s)
+
+
 def _validate_new(task_type: Any, metadata: Any) -> None:
     if not isinstance(task_type, str) or not task_type.strip() or len(task_type) > 200:
         raise ValueError("task_type must be a non-empty string of at most 200 characters")
@@ -136,19 +150,93 @@ def _validate_new(task_type: Any, metadata: Any) -> None:
         _check_json("metadata", metadata)
 
 
+def encode_task(task: Task) -> str:
+    """The snapshot's wire JSON, once; a value that does not encode or is too large is a ValueError."""
+    try:
+        body = encode_json(task.to_dict())
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError(f"{_unencodable_field(task)} must be JSON-serialisable") from None
+    if len(body) > _SMALL:
+        for name, limit in FIELD_LIMITS.items():
+            size = len(encode_json(getattr(task, name)).encode())
+            if size > limit:
+                raise FieldTooLarge(f"{name} is too large ({size} bytes encoded; at most {limit})")
+    return body
+
+
+def _unencodable_field(task: Task) -> str:
+    for name in ("metadata", "progress_detail", "result"):
+        try:
+            encode_json(getattr(task, name))
+        except (TypeError, ValueError, RecursionError):
+            return name
+    return "task"
+
+
+def _ts(moment: datetime) -> float:
+    return round(moment.timestamp(), 6)
+
+
 class TaskManager:
-    def __init__(self, store: TaskStore, bus: EventBus) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        bus: EventBus | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        stale_after_s: float = 300.0,
+        cancel_grace_s: float = 60.0,
+        default_lease_s: float | None = None,
+        snapshot_page: int = 100,
+    ) -> None:
         self._store = store
         self._bus = bus
-        self._lock = threading.Lock()
+        self._clock = clock
+        self._shared = store.shared
+        self._lock: Any = contextlib.nullcontext() if self._shared else threading.Lock()
+        self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
+        self.stale_after_s = stale_after_s
+        self.cancel_grace_s = cancel_grace_s
+        self.default_lease_s = default_lease_s
+        self.snapshot_page = snapshot_page
+        self._last_created: datetime | None = None
+        self._stale: set[str] = set()  # live tasks announced stale (loop thread only)
+
+    @property
+    def store(self) -> TaskStore:
+        return self._store
 
     @property
     def bus(self) -> EventBus:
+        assert self._bus is not None, "this TaskManager has no event bus (a producer-only manager)"
         return self._bus
+
+    @classmethod
+    def open(cls, url: str, **options: Any) -> TaskManager:
+        """A producer-only manager on a store URL (e.g. a job on another host reporting through Redis)."""
+        from .stores import open_store
+
+        return cls(open_store(url), None, **options)
+
+    def close(self) -> None:
+        self._store.close()
 
     # -- reads ---------------------------------------------------------------------------------
     def get_task(self, task_id: str) -> Task | None:
         return self._store.get(task_id)
+
+    async def aget_task(self, task_id: str) -> Task | None:
+        return await self._store.aget(task_id)
+
+    def is_stale(self, task: Task, now: datetime | None = None) -> bool:
+        if task.is_terminal:
+            return False
+        now = now or self._clock()
+        return (now - task.updated_at).total_seconds() > self.stale_after_s
+
+    def wire(self, task: Task) -> dict[str, Any]:
+        """The task as a client sees it now (``stale`` computed)."""
+        return task.to_dict(stale=self.is_stale(task))
 
     def list_tasks(
         self,
@@ -157,30 +245,124 @@ class TaskManager:
         limit: int | str | None = None,
     ) -> list[Task]:
         """Newest first. ``status`` and ``limit`` (1..1000) may be given as query text; a bad one is a ValueError."""
-        return self._store.list(
+        query = TaskQuery(
             task_type=task_type,
-            status=parse_status(status) if status is not None else None,
+            statuses=frozenset({parse_status(status)}) if status is not None else None,
             limit=parse_limit(limit) if limit is not None else None,
         )
+        return self._store.list(query).tasks
 
-    def count_by_status(self) -> dict[TaskStatus, int]:
-        return self._store.count_by_status()
+    def list_page(self, query: TaskQuery) -> Page:
+        return self._store.list(query)
 
-    # -- changes -------------------------------------------------------------------------------
-    def create_task(self, task_type: str, metadata: dict[str, Any] | None = None) -> Task:
+    async def alist(self, query: TaskQuery) -> Page:
+        return await self._store.alist(query)
+
+    def count_by_status(self, query: TaskQuery | None = None) -> dict[TaskStatus, int]:
+        """Tasks per status for every filter of ``query`` but ``status`` (tabs show all four)."""
+        return self._store.counts(replace(query, statuses=None) if query else TaskQuery())
+
+    async def acounts(self, query: TaskQuery | None = None) -> dict[TaskStatus, int]:
+        return await self._store.acounts(replace(query, statuses=None) if query else TaskQuery())
+
+    async def aevents(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        return await self._store.aevents(task_id, after, limit)
+
+    # -- computing a change (pure) ----------------------------------------------------------------
+    def _new_task(self, task_type: str, metadata: dict[str, Any] | None, lease_s: Any, owned: bool) -> Task:
         _validate_new(task_type, metadata)
+        lease = validate_lease(lease_s) if lease_s is not None else self.default_lease_s
+        now = self._clock()
+        if self._last_created is not None and now <= self._last_created:
+            now = self._last_created + _TICK  # creation order is listing order, even within one tick
+        self._last_created = now
+        return Task(
+            task_id=str(uuid.uuid4()),
+            task_type=task_type,
+            status=TaskStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            metadata=dict(metadata or {}),
+            lease_s=lease,
+            owner=self.owner if owned else None,
+            samples=((_ts(now), 0),),
+        )
+
+    def _plan(self, current: Task | None, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
+        """The next snapshot of ``current`` with ``fields`` applied, and its wire JSON."""
+        if current is None:
+            raise TaskNotFoundError(task_id)
+        if current.is_terminal:
+            raise TaskStateError(f"task is {current.status.value}; a finished task cannot change")
+        fields = dict(fields)
+        target = fields.get("status", current.status)
+        if target not in TRANSITIONS[current.status]:
+            raise TaskStateError(f"cannot move a task from {current.status.value} to {target.value}")
+        if target is TaskStatus.COMPLETED and "progress" not in fields:
+            fields["progress"] = 100
+        # every change moves updated_at, even two within one clock tick or after a clock step back
+        now = max(self._clock(), current.updated_at + _TICK)
+        progress = fields.get("progress", current.progress)
+        terminal = target.is_terminal
+        if target is TaskStatus.PROCESSING and current.status is not TaskStatus.PROCESSING:
+            samples: tuple[tuple[float, int], ...] = ((_ts(now), progress),)  # the pace counts from the start
+        else:
+            samples = (*current.samples, (_ts(now), progress))[-RATE_WINDOW:]
+        rate = estimate_rate(samples)
+        if "cancel" in fields:
+            fields.pop("cancel")
+            fields["cancel_requested"] = True
+            fields["cancel_at"] = _ts(now)
+        task = replace(
+            current,
+            **fields,
+            updated_at=now,
+            version=current.version + 1,
+            started_at=current.started_at or (now if target is TaskStatus.PROCESSING else None),
+            finished_at=now if terminal else None,
+            samples=samples,
+            rate=None if rate is None else round(rate, 6),
+            eta_s=None if rate is None or terminal else round((100 - progress) / rate, 3),
+        )
+        if terminal and task.cancel_requested:
+            task = replace(task, cancel_requested=False)
+        return task, encode_task(task)
+
+    # -- changes from threads (and other processes) -----------------------------------------------
+    def create_task(
+        self,
+        task_type: str,
+        metadata: dict[str, Any] | None = None,
+        *,
+        lease_s: float | None = None,
+        owned: bool = False,
+    ) -> Task:
+        """A new pending task. ``owned``: run by this process's job pool (failed as interrupted when
+        the process dies); producer tasks (the default) survive restarts."""
+        task = self._new_task(task_type, metadata, lease_s, owned)
+        body = encode_task(task)
         with self._lock:
-            now = utcnow()
-            task = Task(
-                task_id=str(uuid.uuid4()),
-                task_type=task_type,
-                status=TaskStatus.PENDING,
-                created_at=now,
-                updated_at=now,
-                metadata=dict(metadata or {}),
-            )
-            self._commit(task)
+            ack = self._store.commit(task, None, body)
+            self._publish_local(task, body)
+        ack.wait()
         return task
+
+    def _change(self, task_id: str, fields: dict[str, Any], *, wait: bool = False, cancel_check: bool = False) -> Task:
+        for _ in range(_RETRIES):
+            with self._lock:
+                current = self._store.get(task_id)
+                if cancel_check and current is not None and current.cancel_requested:
+                    raise TaskCancelled(task_id)
+                task, body = self._plan(current, task_id, fields)
+                try:
+                    ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
+                except Conflict:
+                    continue
+                self._publish_local(task, body)
+            if wait or task.is_terminal:
+                ack.wait()
+            return task
+        raise TaskStateError("the task changed too often to apply this change; retry")
 
     def update_task(
         self,
@@ -195,9 +377,10 @@ class TaskManager:
     ) -> Task:
         """Change the given fields (None leaves a field as it is), as the original TaskManager did.
 
-        Raises TaskNotFoundError, ValueError (bad value, or nothing given) or TaskStateError
-        (terminal task, illegal transition); in every case nothing changes.
-        """
+        Raises TaskNotFoundError, ValueError (bad value, or nothing given), TaskStateError (terminal
+        task, illegal transition) or TaskCancelled (a cancel was requested: stop, and fail the task
+        with ``fail_task(id, "cancelled")``); in every case nothing changes. Returns once the change
+        is committed in memory and published; it is written to disk by the store's writer."""
         given = {
             "status": status,
             "progress": progress,
@@ -206,154 +389,300 @@ class TaskManager:
             "result": result,
             "error": error,
         }
-        return self._apply(task_id, validate_changes({k: v for k, v in given.items() if v is not None}))
+        fields = validate_changes({k: v for k, v in given.items() if v is not None})
+        terminal = fields.get("status") in (TaskStatus.COMPLETED, TaskStatus.FAILED)
+        return self._change(task_id, fields, cancel_check=not terminal)
 
     def patch_task(self, task_id: str, changes: Mapping[str, Any]) -> Task:
-        """The producer API's PATCH: 404 first (TaskNotFoundError), then the body (ValueError; null
-        clears ``result``/``error``), then the state (TaskStateError)."""
+        """The producer API's PATCH from a thread (the route uses ``apatch``)."""
         if self._store.get(task_id) is None:
             raise TaskNotFoundError(task_id)
-        return self._apply(task_id, validate_changes(changes))
+        return self._change(task_id, validate_changes(changes), wait=True)
 
     def complete_task(self, task_id: str, result: dict[str, Any] | None = None) -> Task:
-        return self._apply(
-            task_id,
-            validate_changes(
-                {"status": TaskStatus.COMPLETED, "progress": 100, "message": "Task completed", "result": result or {}}
-            ),
-        )
+        return self._change(task_id, validate_changes(_completed(result)))
 
     def fail_task(self, task_id: str, error: str) -> Task:
-        return self._apply(
-            task_id, validate_changes({"status": TaskStatus.FAILED, "message": "Task failed", "error": error})
-        )
+        return self._change(task_id, validate_changes(_failed(error)))
 
-    def _apply(self, task_id: str, fields: dict[str, Any]) -> Task:
+    def cancel_task(self, task_id: str) -> Task:
+        return self._change(task_id, {"cancel": True}, wait=True)
+
+    # -- changes on the event loop (the routes) ---------------------------------------------------
+    async def acreate(self, task_type: str, metadata: dict[str, Any] | None = None, *, lease_s: Any = None) -> tuple[Task, str]:
+        task = self._new_task(task_type, metadata, lease_s, False)
+        body = encode_task(task)
+        if self._shared:
+            await self._store.acommit(task, None, body)
+            return task, body
         with self._lock:
-            current = self._store.get(task_id)
-            if current is None:
-                raise TaskNotFoundError(task_id)
-            if current.is_terminal:
-                raise TaskStateError(f"task is {current.status.value}; a finished task cannot change")
-            target = fields.get("status", current.status)
-            if target not in TRANSITIONS[current.status]:
-                raise TaskStateError(f"cannot move a task from {current.status.value} to {target.value}")
-            if target is TaskStatus.COMPLETED and "progress" not in fields:
-                fields["progress"] = 100
-            now = utcnow()
-            task = replace(
-                current,
-                **fields,
-                # every change moves updated_at, even two within one clock tick or after a clock step back
-                updated_at=max(now, current.updated_at + _TICK),
-                version=current.version + 1,
-            )
-            self._commit(task)
-        return task
+            ack = self._store.commit(task, None, body)
+            self._publish_local(task, body)
+        await ack.done()
+        return task, body
 
-    def _commit(self, task: Task) -> None:
-        """Encode, save, publish. Called with the lock held; encoding first so a bad value changes nothing."""
-        try:
-            event = Event.for_task(task)
-        except (TypeError, ValueError, RecursionError):
-            raise ValueError(f"{_unencodable_field(task)} must be JSON-serialisable") from None
-        self._store.save(task)
-        self._bus.publish(event)
-
-    def recover_interrupted(self) -> list[Task]:
-        """At start-up: tasks a dead process left pending/processing come back failed, never stuck."""
-        recovered: list[Task] = []
-        for status in (TaskStatus.PENDING, TaskStatus.PROCESSING):
-            for task in self._store.list(status=status):
+    async def _achange(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
+        for _ in range(_RETRIES):
+            current = await self._store.aget(task_id)  # memory/sqlite: in memory for a live task
+            if self._shared:
+                task, body = self._plan(current, task_id, fields)
                 try:
-                    recovered.append(self.fail_task(task.task_id, INTERRUPTED))
-                except (TaskNotFoundError, TaskStateError):
-                    continue  # changed by someone else meanwhile: nothing to recover
+                    await self._store.acommit(task, current.version, body)  # type: ignore[union-attr]
+                except Conflict:
+                    continue
+                return task, body
+            with self._lock:
+                latest = self._store.cached(task_id)  # type: ignore[attr-defined]
+                if latest is not False:
+                    current = latest
+                task, body = self._plan(current, task_id, fields)
+                try:
+                    ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
+                except Conflict:
+                    continue
+                self._publish_local(task, body)
+            await ack.done()
+            return task, body
+        raise TaskStateError("the task changed too often to apply this change; retry")
+
+    async def apatch(self, task_id: str, changes: Mapping[str, Any]) -> tuple[Task, str]:
+        """PATCH: unknown id (TaskNotFoundError), then the body (ValueError), then the state (TaskStateError)."""
+        if await self._store.aget(task_id) is None:
+            raise TaskNotFoundError(task_id)
+        return await self._achange(task_id, validate_changes(changes))
+
+    async def acancel(self, task_id: str) -> tuple[Task, str]:
+        return await self._achange(task_id, {"cancel": True})
+
+    async def afail(self, task_id: str, error: str) -> tuple[Task, str]:
+        return await self._achange(task_id, validate_changes(_failed(error)))
+
+    # -- events ----------------------------------------------------------------------------------
+    def _publish_local(self, task: Task, body: str) -> None:
+        if self._bus is not None and not self._shared:
+            self._bus.publish(Event.from_body(task, body))
+
+    def on_feed(self, kind: str, task: Task, body: str | None) -> None:
+        """The shared store's reader: every process's changes, in the store's order (loop thread)."""
+        if self._bus is None:
+            return
+        if kind == "task" and body is not None:
+            self._bus.publish(Event.from_body(task, body))
+        elif kind == "removed":
+            self._bus.publish(Event.removed(task))
+
+    def recover_stale(self, event: Event) -> None:
+        """Bus hook: a change to a task announced stale announces its recovery first."""
+        if event.kind == "task" and event.task_id in self._stale:
+            self._stale.discard(event.task_id)
+            self.bus.fanout_now(Event.stale(event.task_id, event.task_type, event.status, False))
+
+    # -- housekeeping (the monitor loop) -----------------------------------------------------------
+    def recover_interrupted(self) -> list[Task]:
+        """At start-up: live tasks whose job pool died with its process come back failed, never stuck.
+
+        Only tasks run by an in-process job pool (``owned``) are failed; a producer's task keeps going.
+        On a shared store a pool counts as dead once its process stopped renewing its lease."""
+        recovered: list[Task] = []
+        alive = getattr(self._store, "owner_alive", None)
+        for task in self._store.live():
+            if task.owner is None or task.owner == self.owner:
+                continue
+            if alive is not None and alive(task.owner):
+                continue
+            try:
+                recovered.append(self.fail_task(task.task_id, INTERRUPTED))
+            except (TaskNotFoundError, TaskStateError):
+                continue  # changed by someone else meanwhile: nothing to recover
         return recovered
+
+    def sweep(self, now: datetime | None = None) -> dict[str, list[str]]:
+        """Fail tasks whose lease ran out or whose cancel grace ended; returns the ids by reason.
+        Runs in a worker thread (it commits through the sync path)."""
+        now = now or self._clock()
+        out: dict[str, list[str]] = {"lease": [], "cancel": []}
+        for task in self._store.live():
+            quiet = (now - task.updated_at).total_seconds()
+            try:
+                if task.cancel_requested and task.cancel_at is not None and now.timestamp() - task.cancel_at > self.cancel_grace_s:
+                    self.fail_task(task.task_id, CANCELLED)
+                    out["cancel"].append(task.task_id)
+                elif task.lease_s is not None and quiet > task.lease_s:
+                    self.fail_task(task.task_id, f"no update for {task.lease_s:g} s")
+                    out["lease"].append(task.task_id)
+            except (TaskNotFoundError, TaskStateError):
+                continue  # it moved on meanwhile
+        return out
+
+    def mark_stale(self, live: list[Task], now: datetime | None = None) -> list[str]:
+        """Announce live tasks that became stale (loop thread). Returns their ids."""
+        now = now or self._clock()
+        became: list[str] = []
+        live_ids = set()
+        for task in live:
+            live_ids.add(task.task_id)
+            if task.task_id not in self._stale and self.is_stale(task, now):
+                self._stale.add(task.task_id)
+                became.append(task.task_id)
+                if self._bus is not None:
+                    self._bus.publish(Event.stale(task.task_id, task.task_type, task.status, True))
+        self._stale &= live_ids
+        return became
 
     def cleanup_old_tasks(self, max_age_hours: float) -> list[str]:
         """Remove terminal tasks whose last change is older than ``max_age_hours``; announce each."""
         try:
-            cutoff = utcnow() - timedelta(hours=max_age_hours)
+            cutoff = self._clock() - timedelta(hours=max_age_hours)
         except OverflowError:  # a retention reaching back before year 1: nothing can be that old
             return []
-        removed: list[str] = []
         with self._lock:
-            for task in self._store.terminal_before(cutoff):
-                self._store.delete([task.task_id])
-                self._bus.publish(Event.removed(task))
-                removed.append(task.task_id)
-        return removed
+            removed = self._store.remove(self._store.terminal_before(cutoff))
+            if self._bus is not None and not self._shared:
+                for task in removed:
+                    self._bus.publish(Event.removed(task))
+        return [task.task_id for task in removed]
+
+    async def run_monitor(self, interval_s: float, sweep: Callable[[], Any]) -> None:
+        """Every ``interval_s``: stale announcements (here) and the lease/cancel sweep (``sweep``)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                live = await self._store.alive()  # type: ignore[attr-defined]
+                self.mark_stale(live)
+                await sweep()
+            except Exception:
+                logger.exception("task monitor failed")
 
     # -- streams -------------------------------------------------------------------------------
-    def open_subscription(self, task_id: str, after: int | None = None) -> TaskSubscription:
+    async def open_subscription(self, task_id: str, after: int | None = None) -> TaskSubscription:
         """Follow one task: the snapshot (or the replay after ``after``), then every later change.
 
         The subscriber is registered before the snapshot is read, so no change can fall between.
         The caller owns the result and must ``close()`` it (``subscribe`` does that for you)."""
-        subscriber = self._bus.subscribe(task_id)
-        task = self._store.get(task_id)
-        if task is None:
-            self._bus.unsubscribe(subscriber)
-            raise TaskNotFoundError(task_id)
-        return TaskSubscription(self._bus, subscriber, task, after)
-
-    def open_all_subscription(
-        self, task_type: str | None = None, status: TaskStatus | None = None
-    ) -> AllTasksSubscription:
-        """Follow every task matching the filters; the caller must ``close()`` the result."""
-        subscriber = self._bus.subscribe(None)
+        bus = self.bus
+        subscriber = bus.subscribe(task_id)
         try:
-            tasks = self._store.list(task_type=task_type, status=status)
+            task = await self._store.aget(task_id)
+            if task is None:
+                raise TaskNotFoundError(task_id)
+            subscription = TaskSubscription(bus, subscriber, task)
+            if after is not None and not 0 <= after <= task.version:
+                after = None  # above the current version (or nonsense): start from the snapshot
+            if after is not None and after == task.version:
+                subscription.no_content = task.is_terminal
+            elif after is not None:
+                replay = await self._store.aevents(task_id, after, REPLAY_PAGE)
+                if replay and replay[0][0] == after + 1:
+                    subscription.start_replay(replay, task, more=len(replay) == REPLAY_PAGE)
+                else:
+                    subscription.start_snapshot(task, self.is_stale(task))
+            else:
+                subscription.start_snapshot(task, self.is_stale(task))
+            return subscription
         except BaseException:
-            self._bus.unsubscribe(subscriber)
+            bus.unsubscribe(subscriber)
             raise
-        return AllTasksSubscription(self._bus, subscriber, tasks, task_type, status)
+
+    async def replay_more(self, subscription: TaskSubscription) -> list[Event]:
+        """The next page of a long replay (the stream asks after writing the previous one)."""
+        replay = await self._store.aevents(subscription.task_id, subscription.last_version, REPLAY_PAGE)
+        return subscription.take_replay(replay, more=len(replay) == REPLAY_PAGE)
+
+    async def open_all_subscription(
+        self, query: TaskQuery | None = None, follow: tuple[str, ...] = ()
+    ) -> AllTasksSubscription:
+        """Follow every task matching ``query`` (plus ``follow``ed ones); the caller must ``close()`` it."""
+        query = query or TaskQuery()
+        bus = self.bus
+        subscriber = bus.subscribe(None)
+        try:
+            first = query if query.limit is not None else replace(query, limit=self.snapshot_page)
+            page = await self._store.alist(first)
+            counts = await self.acounts(query)
+            followed = [t for t in [await self._store.aget(i) for i in follow] if t is not None]
+        except BaseException:
+            bus.unsubscribe(subscriber)
+            raise
+        return AllTasksSubscription(bus, subscriber, page, counts, query, followed, self)
 
     @asynccontextmanager
     async def subscribe(self, task_id: str, after: int | None = None) -> AsyncIterator[TaskSubscription]:
-        subscription = self.open_subscription(task_id, after)
+        subscription = await self.open_subscription(task_id, after)
         try:
             yield subscription
         finally:
             subscription.close()
 
     @asynccontextmanager
-    async def subscribe_all(
-        self, task_type: str | None = None, status: TaskStatus | None = None
-    ) -> AsyncIterator[AllTasksSubscription]:
-        subscription = self.open_all_subscription(task_type, status)
+    async def subscribe_all(self, query: TaskQuery | None = None) -> AsyncIterator[AllTasksSubscription]:
+        subscription = await self.open_all_subscription(query)
         try:
             yield subscription
         finally:
             subscription.close()
 
 
+def _completed(result: dict[str, Any] | None) -> dict[str, Any]:
+    return {"status": TaskStatus.COMPLETED, "progress": 100, "message": "Task completed", "result": result or {}}
+
+
+def _failed(error: str) -> dict[str, Any]:
+    return {"status": TaskStatus.FAILED, "message": "Task failed", "error": error}
+
+
 class TaskSubscription:
-    """What a per-task stream sends: ``initial`` events, then ``fresh(batch)`` of each wake-up.
+    """What a per-task stream sends: ``take_initial()`` events, then ``fresh(batch)`` of each wake-up.
 
     It keeps no snapshot of its own: an open stream costs its subscriber and a few numbers."""
 
-    __slots__ = ("_bus", "subscriber", "task_id", "initial", "no_content", "last_version", "finished")
+    __slots__ = (
+        "_bus",
+        "subscriber",
+        "task_id",
+        "initial",
+        "no_content",
+        "last_version",
+        "finished",
+        "final_status",
+        "more",
+    )
 
-    def __init__(self, bus: EventBus, subscriber: Subscriber, task: Task, after: int | None) -> None:
+    def __init__(self, bus: EventBus, subscriber: Subscriber, task: Task) -> None:
         self._bus = bus
         self.subscriber = subscriber
         self.task_id = task.task_id
         self.no_content = False  # the client already has the terminal version: 204
-        if after is not None and not 0 <= after <= task.version:
-            after = None  # above the current version (or nonsense): start from the snapshot
-        replay = bus.history_after(task.task_id, after) if after is not None else None
-        if after is not None and after == task.version:
-            self.initial: list[Event] = []
-            self.no_content = task.is_terminal
-        elif replay is not None:
-            self.initial = replay
-        else:
-            latest = bus.history_after(task.task_id, task.version - 1)
-            self.initial = latest if latest else [Event.for_task(task)]
-        self.last_version = self.initial[-1].version if self.initial else (after or 0)
-        self.finished = self.no_content or any(e.terminal for e in self.initial)
+        self.initial: list[Event] = []
+        self.last_version = task.version
+        self.finished = False
+        self.final_status = task.status
+        self.more = False  # a replay has further pages in the store
+
+    def start_snapshot(self, task: Task, stale: bool) -> None:
+        self.initial = [Event.for_task(task, stale=stale)]
+        self.last_version = task.version
+        self.finished = task.is_terminal
+
+    def start_replay(self, replay: list[tuple[int, str]], task: Task, more: bool) -> None:
+        self.last_version = replay[0][0] - 1
+        self.initial = self.take_replay(replay, more)
+        if not self.more and self.last_version < task.version and not self.finished:
+            # the log ended short of the snapshot we read (it cannot, but never leave a gap)
+            self.initial.append(Event.for_task(task))
+            self.last_version = task.version
+            self.finished = task.is_terminal
+
+    def take_replay(self, replay: list[tuple[int, str]], more: bool) -> list[Event]:
+        out: list[Event] = []
+        for version, body in replay:
+            if version > self.last_version and not self.finished:
+                event = Event.from_json(body)
+                out.append(event)
+                self.last_version = version
+                self.finished = event.terminal
+                self.final_status = event.status
+        self.more = more and not self.finished
+        return out
 
     def close(self) -> None:
         self._bus.unsubscribe(self.subscriber)
@@ -364,57 +693,80 @@ class TaskSubscription:
         return initial
 
     def fresh(self, events: list[Event]) -> list[Event]:
-        """The events newer than what was sent, in order; marks the stream finished at the terminal one."""
+        """The events newer than what was sent, in order; marks the stream finished at the terminal one.
+        Stale announcements pass through (they carry no version)."""
         out: list[Event] = []
         for event in events:
-            if event.kind == "task" and event.version > self.last_version and not self.finished:
+            if self.finished:
+                break
+            if event.kind == "task":
+                if event.version > self.last_version:
+                    out.append(event)
+                    self.last_version = event.version
+                    self.finished = event.terminal
+                    self.final_status = event.status
+            elif event.kind == "stale":
                 out.append(event)
-                self.last_version = event.version
-                self.finished = event.terminal
         return out
 
     async def __aiter__(self) -> AsyncIterator[Task]:
         """For Python consumers: each snapshot as a Task, ending after the terminal one."""
         for event in self.take_initial():
-            yield Task.from_dict(event.task)  # type: ignore[arg-type]
+            yield Task.from_dict(event.task)
         while not self.finished:
             await self.subscriber.wait()
             if self.subscriber.closed:
                 return
             for event in self.fresh(self.subscriber.take()):
-                yield Task.from_dict(event.task)  # type: ignore[arg-type]
+                if event.kind == "task":
+                    yield Task.from_dict(event.task)
 
 
 class AllTasksSubscription:
-    """The all-tasks stream's view: a snapshot list, then task/removed frames honouring the filters."""
+    """The all-tasks stream's view: one page of the list, then task/removed/stale frames for every
+    change that matches the query (or concerns a followed task)."""
 
     def __init__(
         self,
         bus: EventBus,
         subscriber: Subscriber,
-        tasks: list[Task],
-        task_type: str | None,
-        status: TaskStatus | None,
+        page: Page,
+        counts: dict[TaskStatus, int],
+        query: TaskQuery,
+        followed: list[Task],
+        manager: TaskManager,
     ) -> None:
         self._bus = bus
         self.subscriber = subscriber
-        self.tasks = tasks
-        self._task_type = task_type
-        self._status = status
-        self._seen = {t.task_id: t.version for t in tasks}  # drops changes already in the snapshot
+        self.page = page
+        self.counts = counts
+        self.followed = followed
+        self._query = query
+        self._narrow = query.filtered
+        self._follow = frozenset(t.task_id for t in followed)
+        self._manager = manager
+        # changes already in the snapshot are dropped; the task ids the client holds as matching
+        self._seen = {t.task_id: t.version for t in (*page.tasks, *followed)}
         self._visible = set(self._seen)
 
     def close(self) -> None:
         self._bus.unsubscribe(self.subscriber)
 
-    def take_tasks(self) -> list[Task]:
-        """The opening snapshot, handed over once (the subscription does not keep it)."""
-        tasks, self.tasks = self.tasks, []
-        return tasks
+    def snapshot_frame(self) -> bytes:
+        """The opening ``snapshot`` event (handed over once: the subscription drops its copy)."""
+        wire = self._manager.wire
+        data: dict[str, Any] = {
+            "tasks": [wire(t) for t in self.page.tasks],
+            "counts": {s.value: n for s, n in self.counts.items()},
+            "next_cursor": self.page.next_cursor,
+        }
+        if self.followed:
+            data["followed"] = [wire(t) for t in self.followed]
+        self.page = Page([])
+        self.followed = []
+        return Event.frame_of("snapshot", encode_json(data))
 
     def frame_for(self, event: Event) -> bytes | None:
-        if self._task_type is not None and event.task_type != self._task_type:
-            return None
         task_id = event.task_id
         if event.kind == "removed":
             self._seen.pop(task_id, None)
@@ -422,15 +774,16 @@ class AllTasksSubscription:
                 return None
             self._visible.discard(task_id)
             return event.frame_all
+        if event.kind == "stale":
+            return event.frame_all if task_id in self._visible else None
         seen = self._seen.get(task_id)
         if seen is not None and event.version <= seen:
             return None
         self._seen[task_id] = event.version
-        if self._status is None or event.status is self._status:
+        if task_id in self._follow or not self._narrow or self._query.matches(event.snapshot()):
             self._visible.add(task_id)
             return event.frame_all
         if task_id in self._visible:  # moved out of the filter
             self._visible.discard(task_id)
             return removed_frame(task_id)
         return None
-

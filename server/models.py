@@ -9,7 +9,9 @@ from enum import Enum
 from typing import Any
 
 __all__ = [
+    "RATE_WINDOW",
     "Task",
+    "TaskCancelled",
     "TaskNotFoundError",
     "TaskStateError",
     "TaskStatus",
@@ -48,6 +50,10 @@ class TaskStateError(Exception):
     """The change is not allowed in the task's current state (terminal, or an illegal transition)."""
 
 
+class TaskCancelled(Exception):
+    """A cancel was requested for this task: the job should stop; the task ends failed "cancelled"."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -66,9 +72,23 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
+RATE_WINDOW = 10  # progress samples the rate is estimated over
+
+
+def _iso_or_none(moment: datetime | None) -> str | None:
+    return None if moment is None else _iso(moment)
+
+
+def _dt_or_none(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One immutable snapshot of a task. Changes make a new snapshot with a higher version."""
+    """One immutable snapshot of a task. Changes make a new snapshot with a higher version.
+
+    The wire keys come first (PROTOCOL.md's order). ``owner``, ``samples`` and ``cancel_at`` are
+    internal: stored with the snapshot (``to_record``) but never sent to clients."""
 
     task_id: str
     task_type: str
@@ -82,13 +102,26 @@ class Task:
     error: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = 1
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    rate: float | None = None
+    eta_s: float | None = None
+    cancel_requested: bool = False
+    lease_s: float | None = None
+    # -- internal ------------------------------------------------------------------------------
+    # (not compared: two snapshots are equal when a client would see them as equal)
+    owner: str | None = field(default=None, compare=False)  # the job pool that runs it; None: a producer
+    samples: tuple[tuple[float, int], ...] = field(default=(), compare=False)  # recent (epoch s, progress)
+    cancel_at: float | None = field(default=None, compare=False)  # epoch seconds of the cancel request
 
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
 
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form: the original MiroFish keys in their order, then `version`."""
+    def to_dict(self, stale: bool = False) -> dict[str, Any]:
+        """The wire form: the original MiroFish keys in their order, then `version`, then v1.1's keys.
+
+        ``stale`` is computed by the reader (it is not a change); a freshly changed task is never stale."""
         return {
             "task_id": self.task_id,
             "task_type": self.task_type,
@@ -102,10 +135,27 @@ class Task:
             "error": self.error,
             "metadata": self.metadata,
             "version": self.version,
+            "started_at": _iso_or_none(self.started_at),
+            "finished_at": _iso_or_none(self.finished_at),
+            "rate": self.rate,
+            "eta_s": self.eta_s,
+            "stale": stale,
+            "cancel_requested": self.cancel_requested,
+            "lease_s": self.lease_s,
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """What a store keeps: the wire form plus the internal fields."""
+        record = self.to_dict()
+        del record["stale"]
+        record["owner"] = self.owner
+        record["samples"] = [list(sample) for sample in self.samples]
+        record["cancel_at"] = self.cancel_at
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Task:
+        """From the wire form or a store record (keys a v1 snapshot lacks take their defaults)."""
         return cls(
             task_id=data["task_id"],
             task_type=data["task_type"],
@@ -119,4 +169,26 @@ class Task:
             error=data["error"],
             metadata=data["metadata"],
             version=data["version"],
+            started_at=_dt_or_none(data.get("started_at")),
+            finished_at=_dt_or_none(data.get("finished_at")),
+            rate=data.get("rate"),
+            eta_s=data.get("eta_s"),
+            cancel_requested=bool(data.get("cancel_requested", False)),
+            lease_s=data.get("lease_s"),
+            owner=data.get("owner"),
+            samples=tuple((float(t), int(p)) for t, p in data.get("samples") or ()),
+            cancel_at=data.get("cancel_at"),
         )
+
+
+def estimate_rate(samples: tuple[tuple[float, int], ...]) -> float | None:
+    """Percentage points per second over the sample window; None with too little data or no movement.
+
+    The window is the last RATE_WINDOW changes (each one a (time, progress) sample), so the rate
+    follows the recent pace and falls to None once progress has not moved for a whole window."""
+    if len(samples) < 2:
+        return None
+    (t0, p0), (t1, p1) = samples[0], samples[-1]
+    if t1 <= t0 or p1 <= p0:
+        return None
+    return (p1 - p0) / (t1 - t0)

@@ -25,6 +25,10 @@ _ENV: dict[str, tuple[str, str]] = {
     "TASKMON_HEARTBEAT_S": ("heartbeat_s", "float"),
     "TASKMON_RETRY_MS": ("retry_ms", "int"),
     "TASKMON_HISTORY": ("history", "int"),
+    "TASKMON_HISTORY_KB": ("history_kb", "int"),
+    "TASKMON_STALE_AFTER_S": ("stale_after_s", "float"),
+    "TASKMON_LEASE_S": ("lease_s", "float"),
+    "TASKMON_CANCEL_GRACE_S": ("cancel_grace_s", "float"),
     "TASKMON_RETENTION_HOURS": ("retention_hours", "float"),
     "TASKMON_CLEANUP_INTERVAL_S": ("cleanup_interval_s", "float"),
     "TASKMON_MAX_STREAMS": ("max_streams", "int"),
@@ -55,6 +59,11 @@ class Settings:
     heartbeat_s: float = 15.0
     retry_ms: int = 3000
     history: int = 256
+    history_kb: int = 8192  # memory:// keeps at most this much event log per task
+    stale_after_s: float = 300.0
+    lease_s: float | None = None  # the default lease of a new task (None: no lease unless asked)
+    cancel_grace_s: float = 60.0
+    monitor_interval_s: float = 1.0  # how often stale/lease/cancel-grace checks run
     retention_hours: float = 24.0
     cleanup_interval_s: float = 300.0
     max_streams: int = 10_000
@@ -82,6 +91,14 @@ class Settings:
             (_finite(self.heartbeat_s) and self.heartbeat_s > 0, "TASKMON_HEARTBEAT_S must be a finite number > 0"),
             (self.retry_ms >= 0, "TASKMON_RETRY_MS must be >= 0"),
             (self.history >= 1, "TASKMON_HISTORY must be >= 1"),
+            (self.history_kb >= 1, "TASKMON_HISTORY_KB must be >= 1"),
+            (_finite(self.stale_after_s) and self.stale_after_s > 0, "TASKMON_STALE_AFTER_S must be a finite number > 0"),
+            (
+                self.lease_s is None or (_finite(self.lease_s) and 0 < self.lease_s <= 7 * 24 * 3600),
+                "TASKMON_LEASE_S must be a number of seconds > 0 and at most 7 days",
+            ),
+            (_finite(self.cancel_grace_s) and self.cancel_grace_s >= 0, "TASKMON_CANCEL_GRACE_S must be a finite number >= 0"),
+            (_finite(self.monitor_interval_s) and self.monitor_interval_s > 0, "monitor_interval_s must be > 0"),
             (_finite(self.retention_hours) and self.retention_hours > 0, "TASKMON_RETENTION_HOURS must be a finite number > 0"),
             (
                 _finite(self.cleanup_interval_s) and self.cleanup_interval_s > 0,
@@ -93,7 +110,7 @@ class Settings:
             (self.queue_size >= 2, "queue_size must be >= 2"),
             (self.log_level in _LOG_LEVELS, f"TASKMON_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}"),
             (
-                self.store_url.startswith(("memory://", "sqlite:///", "redis://", "rediss://")),
+                self.store_url.startswith(("memory://", "sqlite:///", "redis://", "rediss://", "unix://")),
                 "TASKMON_STORE must be memory://, sqlite:///PATH or redis://HOST:PORT/DB",
             ),
         ]

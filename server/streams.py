@@ -26,8 +26,9 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import check_read
 from .bus import Event, EventBus, Subscriber, encode_json
-from .manager import AllTasksSubscription, TaskSubscription, parse_status
+from .manager import AllTasksSubscription, TaskSubscription
 from .models import TaskNotFoundError, TaskStatus, is_task_id
+from .query import TaskQuery
 
 if TYPE_CHECKING:
     from .app import TaskmonApp
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 STREAM_PATH = re.compile(r"^/tasks/(?:([^/]+)/)?stream/?$")
 PING = ServerSentEvent(comment="ping", sep="\n").encode()
+MAX_FOLLOW = 100
 
 _BASE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -114,34 +116,35 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
         state = app.state
         settings = state.settings
         headers = Headers(scope=scope)
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        query_items = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        query_map = dict(query_items)
         extra_headers = app.cors_headers(headers.get("origin"))
 
         if scope["method"] not in ("GET", "HEAD"):
             await _error(send, 405, "method not allowed", [(b"allow", b"GET, HEAD"), *extra_headers])
             return None
-        reason = check_read(settings, headers, query)
+        reason = check_read(settings, headers, query_map)
         if reason:
             await _error(send, 401, reason, [(b"www-authenticate", b'Bearer realm="taskmon"'), *extra_headers])
             return None
 
         manager = state.manager
-        status_filter: TaskStatus | None = None
+        query: TaskQuery | None = None
+        follow: tuple[str, ...] = ()
         if task_id is not None:
-            if not is_task_id(task_id) or manager.get_task(task_id) is None:
+            if not is_task_id(task_id):
                 await _error(send, 404, "task not found", extra_headers)
                 return None
         else:
-            unknown = sorted(set(query) - {"task_type", "status", "access_token"})
-            if unknown:
-                await _error(send, 400, f"unknown query parameter(s): {', '.join(unknown)}", extra_headers)
+            params = {k: v for k, v in query_items if k != "follow"}
+            follow = tuple(dict.fromkeys(v for k, v in query_items if k == "follow"))
+            try:
+                if len(follow) > MAX_FOLLOW or not all(is_task_id(f) for f in follow):
+                    raise ValueError(f"follow takes up to {MAX_FOLLOW} task ids")
+                query = TaskQuery.from_params(params, allowed_extra=("access_token",))
+            except ValueError as exc:
+                await _error(send, 400, str(exc), extra_headers)
                 return None
-            if "status" in query:
-                try:
-                    status_filter = parse_status(query["status"])
-                except ValueError as exc:
-                    await _error(send, 400, str(exc), extra_headers)
-                    return None
 
         bus = manager.bus
         if bus.open_streams >= settings.max_streams:
@@ -151,8 +154,8 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
 
         if task_id is not None:
             try:
-                subscription = manager.open_subscription(task_id, _last_event_id(headers, query))
-            except TaskNotFoundError:  # removed between the check and the subscribe
+                subscription = await manager.open_subscription(task_id, _last_event_id(headers, query_map))
+            except TaskNotFoundError:
                 await _error(send, 404, "task not found", extra_headers)
                 return None
             if subscription.no_content:
@@ -161,7 +164,7 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
                 await send({"type": "http.response.body", "body": b""})
                 return None
         else:
-            subscription = manager.open_all_subscription(query.get("task_type"), status_filter)
+            subscription = await manager.open_all_subscription(query, follow)
 
         started = True
         await send({"type": "http.response.start", "status": 200, "headers": [*_BASE_HEADERS, *extra_headers]})
@@ -173,19 +176,24 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
         stream: _Stream
         if isinstance(subscription, TaskSubscription):
             initial = subscription.take_initial()
-            bus.delivered += len(initial)
-            opening += b"".join(event.frame for event in initial)
+            # A long replay goes out page by page, each write awaited: a client that does not read
+            # holds one page, never the whole history (live events meanwhile wait, coalesced).
+            while True:
+                bus.delivered += len(initial)
+                opening += b"".join(event.frame for event in initial)
+                if not subscription.more:
+                    break
+                await send({"type": "http.response.body", "body": opening, "more_body": True})
+                opening = b""
+                initial = await manager.replay_more(subscription)
             if subscription.finished:
-                opening += _end_frame(subscription.task_id, initial[-1].status)
+                opening += _end_frame(subscription.task_id, subscription.final_status)
                 await send({"type": "http.response.body", "body": opening, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
                 return None
             stream = _TaskStream(send, subscription, bus)
         else:
-            tasks = subscription.take_tasks()
-            opening += ServerSentEvent(
-                data=encode_json({"tasks": [task.to_dict() for task in tasks]}), event="snapshot", sep="\n"
-            ).encode()
+            opening += subscription.snapshot_frame()
             stream = _AllTasksStream(send, subscription, bus)
         await send({"type": "http.response.body", "body": opening, "more_body": True})
         subscription = None  # the stream owns it now
@@ -231,6 +239,10 @@ class _Stream:
         if self._inflight is not None or self.finished:
             return  # the coroutine is finishing a blocked send; it will pick this up
         subscriber = self.subscriber
+        if subscriber.overflowed:  # too far behind to coalesce: end it; the client resyncs on reconnect
+            self.finished = True
+            subscriber.wake()
+            return
         ping = subscriber.ping_due
         chunk = self.render(subscriber.take())
         if not chunk:

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,22 @@ MIROFISH_KEYS = [
     "error",
     "metadata",
 ]
-TASK_KEYS = [*MIROFISH_KEYS, "version"]
+# v1.1's keys follow `version` (PROTOCOL.md, "Additions being built")
+V11_KEYS = ["started_at", "finished_at", "rate", "eta_s", "stale", "cancel_requested", "lease_s"]
+TASK_KEYS = [*MIROFISH_KEYS, "version", *V11_KEYS]
+
+
+class FakeClock:
+    """A clock the test moves by hand (``TaskManager(clock=...)``): timing logic without sleeping."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture

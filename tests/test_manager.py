@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import uuid
@@ -16,6 +17,8 @@ from server.manager import INTERRUPTED, TaskManager
 from server.models import Task, TaskNotFoundError, TaskStateError, TaskStatus, utcnow
 from server.stores.memory import MemoryStore
 
+from conftest import FakeClock
+
 pytestmark = pytest.mark.anyio
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\+00:00$")
@@ -27,9 +30,14 @@ async def store() -> MemoryStore:
 
 
 @pytest.fixture
-async def manager(store: MemoryStore) -> TaskManager:
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def manager(store: MemoryStore, clock: FakeClock) -> TaskManager:
     # the bus binds to the running loop, so it is built inside an async fixture
-    return TaskManager(store, EventBus(history=256, queue_size=64))
+    return TaskManager(store, EventBus(queue_size=64), clock=clock)
 
 
 def stored(manager: TaskManager, task_id: str) -> dict:
@@ -338,16 +346,7 @@ async def test_count_by_status(manager):
 # -- retention and recovery ----------------------------------------------------------------------
 
 
-def _age(store: MemoryStore, task_id: str, hours: float) -> Task:
-    """Make the stored snapshot's last change ``hours`` old (as if the clock had moved on)."""
-    task = store.get(task_id)
-    assert task is not None
-    aged = replace(task, updated_at=utcnow() - timedelta(hours=hours))
-    store.save(aged)
-    return aged
-
-
-async def test_cleanup_removes_only_old_terminal_tasks_and_announces_each(manager, store):
+async def test_cleanup_removes_only_old_terminal_tasks_and_announces_each(manager, clock):
     old_done = manager.create_task("t")
     manager.update_task(old_done.task_id, status="processing")
     manager.complete_task(old_done.task_id)
@@ -356,12 +355,11 @@ async def test_cleanup_removes_only_old_terminal_tasks_and_announces_each(manage
     old_running = manager.create_task("t")
     manager.update_task(old_running.task_id, status="processing")
     old_pending = manager.create_task("t")
+    clock.advance(1.5 * 3600)
     fresh_done = manager.create_task("t")
     manager.update_task(fresh_done.task_id, status="processing")
     manager.complete_task(fresh_done.task_id)
-    for task in (old_done, old_failed, old_running, old_pending):
-        _age(store, task.task_id, hours=2)
-    _age(store, fresh_done.task_id, hours=0.5)
+    clock.advance(0.5 * 3600)
 
     listener = manager.bus.subscribe(None)
     removed = manager.cleanup_old_tasks(1.0)
@@ -384,44 +382,56 @@ async def test_cleanup_removes_only_old_terminal_tasks_and_announces_each(manage
 
 
 @pytest.mark.parametrize("hours", [1e9, 1e12])
-async def test_cleanup_with_a_huge_retention_removes_nothing_and_does_not_raise(manager, store, hours):
+async def test_cleanup_with_a_huge_retention_removes_nothing_and_does_not_raise(manager, clock, hours):
     # TASKMON_RETENTION_HOURS=1e9 is a valid "keep (almost) forever"; the cutoff would be before year 1
     task = manager.create_task("t")
     manager.fail_task(task.task_id, "x")
-    _age(store, task.task_id, hours=24 * 365 * 100)
+    clock.advance(24 * 365 * 100 * 3600)
     assert manager.cleanup_old_tasks(hours) == []
     assert manager.get_task(task.task_id) is not None
 
 
-async def test_removed_task_history_is_dropped(manager, store):
+async def test_removed_task_event_log_is_dropped(manager, store, clock):
     task = manager.create_task("t")
     manager.fail_task(task.task_id, "x")
-    assert manager.bus.history_after(task.task_id, 0)
-    _age(store, task.task_id, hours=48)
+    assert [v for v, _ in store.events(task.task_id, 0, 10)] == [1, 2]
+    clock.advance(48 * 3600)
     manager.cleanup_old_tasks(24)
-    assert manager.bus.history_after(task.task_id, 0) is None
+    assert store.events(task.task_id, 0, 10) == []
 
 
-async def test_recover_interrupted_fails_live_tasks_only(manager):
-    pending = manager.create_task("t")
-    running = manager.create_task("t")
-    manager.update_task(running.task_id, status="processing", progress=40)
-    done = manager.create_task("t")
-    manager.update_task(done.task_id, status="processing")
-    manager.complete_task(done.task_id, {"ok": 1})
+async def test_recover_interrupted_fails_only_a_dead_job_pools_live_tasks(store, clock):
+    # The job pool of a process that died (another manager on the same store) left two live tasks;
+    # a producer's task from the same time keeps going, and so does a finished one.
+    dead = TaskManager(store, None, clock=clock)
+    pending = dead.create_task("t", owned=True)
+    running = dead.create_task("t", owned=True)
+    dead.update_task(running.task_id, status="processing", progress=40)
+    done = dead.create_task("t", owned=True)
+    dead.update_task(done.task_id, status="processing")
+    dead.complete_task(done.task_id, {"ok": 1})
+    producer = dead.create_task("t")
+    dead.update_task(producer.task_id, status="processing", progress=10)
+    manager = TaskManager(store, EventBus(queue_size=64), clock=clock)
     done_before = stored(manager, done.task_id)
+    producer_before = stored(manager, producer.task_id)
 
     recovered = manager.recover_interrupted()
     assert sorted(t.task_id for t in recovered) == sorted([pending.task_id, running.task_id])
     for task_id, version in ((pending.task_id, 2), (running.task_id, 3)):
         after = manager.get_task(task_id)
         assert after.status is TaskStatus.FAILED
-        assert "interrupted" in after.error
         assert after.error == INTERRUPTED
         assert after.version == version
     assert manager.get_task(running.task_id).progress == 40
     assert stored(manager, done.task_id) == done_before
+    assert stored(manager, producer.task_id) == producer_before
+    assert manager.update_task(producer.task_id, progress=20).version == producer_before["version"] + 1
     assert manager.recover_interrupted() == []
+    # the new process's own pool is never "dead" to itself
+    mine = manager.create_task("t", owned=True)
+    assert manager.recover_interrupted() == []
+    assert manager.get_task(mine.task_id).status is TaskStatus.PENDING
 
 
 # -- subscriptions -------------------------------------------------------------------------------
@@ -524,24 +534,21 @@ async def test_eight_threads_by_a_thousand_updates_lose_and_double_nothing(manag
     with anyio.fail_after(5):
         while manager.bus.published < final.version:
             await anyio.sleep(0.01)
-    history = manager.bus.history_after(task.task_id, final.version - 10)
-    assert [e.version for e in history] == list(range(final.version - 9, final.version + 1))
-    stamps = [e.task["updated_at"] for e in history]
+    history = manager.store.events(task.task_id, final.version - 10, 100)
+    assert [v for v, _ in history] == list(range(final.version - 9, final.version + 1))
+    stamps = [json.loads(body)["updated_at"] for _, body in history]
     assert stamps == sorted(set(stamps))  # every change moved updated_at, in version order
 
 
-async def test_updated_at_moves_on_every_change_even_within_one_clock_tick(manager, monkeypatch):
+async def test_updated_at_moves_on_every_change_even_within_one_clock_tick(manager, clock):
     # PROTOCOL.md: every accepted change moves `updated_at`. A coarse clock (or two changes in the same
     # microsecond) must not leave two versions with one timestamp; a clock stepping back must not rewind it.
-    import server.manager as manager_module
-
-    frozen = utcnow()
-    monkeypatch.setattr(manager_module, "utcnow", lambda: frozen)
+    frozen = clock.now
     task = manager.create_task("t")
     stamps = [task.updated_at]
     stamps.append(manager.update_task(task.task_id, status="processing").updated_at)
     stamps.append(manager.update_task(task.task_id, progress=1).updated_at)
-    monkeypatch.setattr(manager_module, "utcnow", lambda: frozen - timedelta(seconds=30))
+    clock.advance(-30)
     stamps.append(manager.update_task(task.task_id, progress=2).updated_at)
     stamps.append(manager.complete_task(task.task_id).updated_at)
     assert all(a < b for a, b in zip(stamps, stamps[1:])), stamps

@@ -435,14 +435,14 @@ async def test_all_tasks_stream_filters(live_server, settings):
         events = await collect(
             http, "/tasks/stream?status=processing&task_type=graph_build", stop="removed", react=produce
         )
-        assert json.loads(events[0].data) == {"tasks": []}
+        assert json.loads(events[0].data) == {"tasks": [], "counts": {"pending": 1, "processing": 0, "completed": 0, "failed": 0}, "next_cursor": None}
         seen = [(e.event, json.loads(e.data)) for e in events[1:]]
         assert [kind for kind, _ in seen] == ["task", "task", "removed"]
         assert [data["version"] for kind, data in seen if kind == "task"] == [2, 3]
         assert seen[-1][1] == {"task_id": mine.task_id}
 
 
-@pytest.mark.parametrize("query", ["status=done", "limit=3", "status="])
+@pytest.mark.parametrize("query", ["status=done", "limit=0", "status=", "sort=sideways", "follow=nope"])
 async def test_all_tasks_stream_rejects_bad_filters(live_server, settings, query):
     async with serving(live_server, settings) as (srv, http):
         response = await http.get(f"/tasks/stream?{query}")

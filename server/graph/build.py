@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..jobs import INTERRUPTED, JobContext, JobFailed
-from ..models import TaskNotFoundError, TaskStateError, utcnow
+from ..models import TaskCancelled, TaskNotFoundError, TaskStateError, utcnow
 from ..retry import Retrier, RetryAborted, RetryEvent, RetryPolicy
 from .backends import BackendError, BatchState, GraphBackend, GraphNotFound
 from .projects import ProjectNotFound, ProjectStatus, ProjectStore
@@ -262,6 +262,9 @@ def run_build(
         raise JobFailed("the graph disappeared from the backend during the build") from exc
     except ProjectNotFound as exc:
         raise JobFailed("the project was deleted during the build") from exc
+    except TaskCancelled:
+        _mark_failed(build, "cancelled")
+        raise
     except Exception:
         _mark_failed(build, "internal error while building the graph")
         raise

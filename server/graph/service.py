@@ -124,6 +124,7 @@ class GraphService:
                     "text_length": text_length,
                     "backend": self.backend.kind,
                 },
+                owned=True,  # run by this process's job pool: failed as interrupted if the process dies
             )
             build = _RunningBuild(task.task_id, threading.Event())
             try:

@@ -1,70 +1,112 @@
-"""In-process store: a dict in creation order. For tests and throwaway runs."""
+"""In-process store: dicts, for tests and throwaway runs. Commits are durable at once."""
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable
 from datetime import datetime
 
 from ..models import Task, TaskStatus
+from ..query import Page, TaskQuery
+from . import DONE, Ack, Conflict, LocalStore
+
+_LIVE = (TaskStatus.PENDING, TaskStatus.PROCESSING)
 
 
-def _created_at(task: Task) -> datetime:
-    return task.created_at
+class MemoryStore(LocalStore):
+    """Snapshots plus a per-task event log bounded by count and bytes (``history``, ``history_bytes``)."""
 
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self._tasks: dict[str, Task] = {}  # insertion order: the tie-break for equal created_at
+    def __init__(self, history: int = 256, history_bytes: int = 8 * 1024 * 1024) -> None:
+        self._tasks: dict[str, Task] = {}
+        self._logs: dict[str, deque[tuple[int, str]]] = {}
+        self._log_bytes: dict[str, int] = {}
+        self._history = history
+        self._history_bytes = history_bytes
         self._lock = threading.Lock()
+
+    def cached(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
 
     def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
 
-    def save(self, task: Task) -> None:
+    def commit(self, task: Task, expected: int | None, body: str) -> Ack:
         with self._lock:
+            current = self._tasks.get(task.task_id)
+            if (current.version if current is not None else None) != expected:
+                raise Conflict(task.task_id)
             self._tasks[task.task_id] = task
+            log = self._logs.get(task.task_id)
+            if log is None:
+                log = self._logs[task.task_id] = deque()
+                self._log_bytes[task.task_id] = 0
+            log.append((task.version, body))
+            size = self._log_bytes[task.task_id] + len(body)
+            # Oldest out, by count and by bytes; the newest snapshot always stays.
+            while len(log) > 1 and (len(log) > self._history or size > self._history_bytes):
+                size -= len(log.popleft()[1])
+            self._log_bytes[task.task_id] = size
+        return DONE
 
-    def delete(self, task_ids: Iterable[str]) -> None:
+    def remove(self, tasks: Iterable[Task]) -> list[Task]:
+        removed: list[Task] = []
         with self._lock:
-            for task_id in task_ids:
-                self._tasks.pop(task_id, None)
+            for task in tasks:
+                current = self._tasks.get(task.task_id)
+                if current is None or current.version != task.version:
+                    continue
+                del self._tasks[task.task_id]
+                self._logs.pop(task.task_id, None)
+                self._log_bytes.pop(task.task_id, None)
+                removed.append(current)
+        return removed
 
-    def list(
-        self,
-        task_type: str | None = None,
-        status: TaskStatus | None = None,
-        limit: int | None = None,
-    ) -> list[Task]:
+    def list(self, query: TaskQuery) -> Page:
         with self._lock:
             snapshot = list(self._tasks.values())
-        # Newest first by creation time, then by creation (insertion) order, as the interface says and
-        # as sqlite orders: saves can arrive out of creation-time order (threads, a clock step back).
-        # Timsort is O(n) on the usual already-ordered input; reverse=True keeps ties stable.
-        snapshot.reverse()
-        snapshot.sort(key=_created_at, reverse=True)
-        out: list[Task] = []
+        return query.apply(snapshot)
+
+    def counts(self, query: TaskQuery) -> dict[TaskStatus, int]:
+        counts = dict.fromkeys(TaskStatus, 0)
+        with self._lock:
+            snapshot = list(self._tasks.values())
         for task in snapshot:
-            if task_type is not None and task.task_type != task_type:
-                continue
-            if status is not None and task.status is not status:
-                continue
-            out.append(task)
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+            if query.matches(task):
+                counts[task.status] += 1
+        return counts
+
+    def events(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        with self._lock:
+            log = self._logs.get(task_id)
+            if not log:
+                return []
+            out = [entry for entry in log if entry[0] > after]
+        return out[:limit]
+
+    def live(self) -> list[Task]:
+        with self._lock:
+            return [t for t in self._tasks.values() if t.status in _LIVE]
 
     def terminal_before(self, cutoff: datetime) -> list[Task]:
         with self._lock:
             return [t for t in self._tasks.values() if t.is_terminal and t.updated_at < cutoff]
 
-    def count_by_status(self) -> dict[TaskStatus, int]:
-        counts = dict.fromkeys(TaskStatus, 0)
-        with self._lock:
-            for task in self._tasks.values():
-                counts[task.status] += 1
-        return counts
-
     def close(self) -> None:
         with self._lock:
             self._tasks.clear()
+            self._logs.clear()
+            self._log_bytes.clear()
+
+    # Everything is in memory: the loop may call straight through.
+    async def alist(self, query: TaskQuery) -> Page:
+        return self.list(query)
+
+    async def acounts(self, query: TaskQuery) -> dict[TaskStatus, int]:
+        return self.counts(query)
+
+    async def aevents(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        return self.events(task_id, after, limit)
+
+    async def aclose(self) -> None:
+        self.close()
