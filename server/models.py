@@ -48,6 +48,10 @@ class TaskStateError(Exception):
     """The change is not allowed in the task's current state (terminal, or an illegal transition)."""
 
 
+class TaskCancelled(Exception):
+    """A cancel was requested for this task: the job should stop; the task ends failed "cancelled"."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
