@@ -10,8 +10,8 @@
 
 Semantics of ``client.task(...)`` used as a context manager:
 
-- Entering creates the task (``POST /api/tasks``) and moves it to ``processing``; both wait for the
-  server (retried up to ``retry_deadline``).
+- Entering creates the task (``POST /api/tasks``; ``lease_s=`` is passed on, PROTOCOL v1.1) and moves
+  it to ``processing``; both wait for the server (retried up to ``retry_deadline``).
 - ``t.progress(percent, message, detail=...)`` never blocks on the network: the update is handed to a
   background sender (one thread, or one asyncio task, per Task) and the call returns at once. While
   the server is slow or away, updates pile up and are *coalesced*: the sender always sends the newest
@@ -124,6 +124,15 @@ def _progress_fields(percent: float, message: str | None, detail: dict[str, Any]
     return fields
 
 
+def _new_task_body(task_type: str, metadata: dict[str, Any] | None, lease_s: float | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"task_type": task_type}
+    if metadata is not None:
+        body["metadata"] = metadata
+    if lease_s is not None:  # PROTOCOL v1.1: the server fails the task after lease_s without an update
+        body["lease_s"] = lease_s
+    return body
+
+
 def _completed(result: dict[str, Any] | None, message: str) -> dict[str, Any]:
     if result is not None and not isinstance(result, dict):
         raise TypeError("result must be a dict")
@@ -158,11 +167,12 @@ class _Config:
 class _TaskState:
     """What a Task knows, shared between the job and its sender (guarded by ``lock`` in threads)."""
 
-    def __init__(self, task_type: str, metadata: dict[str, Any] | None) -> None:
+    def __init__(self, task_type: str, metadata: dict[str, Any] | None, lease_s: float | None) -> None:
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict")
         self.task_type = task_type
         self.metadata = dict(metadata or {})
+        self.lease_s = lease_s
         self.id: str | None = None
         self.snapshot: dict[str, Any] | None = None  # the newest task object the server answered
         self.result: dict[str, Any] | None = None
@@ -246,10 +256,10 @@ class Client:
         except RetriesExhausted as exc:
             raise TaskmonUnavailable(f"{self.base_url}: {exc}") from exc
 
-    def create_task(self, task_type: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"task_type": task_type}
-        if metadata is not None:
-            body["metadata"] = metadata
+    def create_task(
+        self, task_type: str, metadata: dict[str, Any] | None = None, *, lease_s: float | None = None
+    ) -> dict[str, Any]:
+        body = _new_task_body(task_type, metadata, lease_s)
         return self._call("create task", lambda: self._request("POST", "/api/tasks", body))
 
     def update_task(self, task_id: str, **changes: Any) -> dict[str, Any]:
@@ -278,17 +288,19 @@ class Client:
                 raise
             return task
 
-    def task(self, task_type: str, metadata: dict[str, Any] | None = None) -> Task:
+    def task(self, task_type: str, metadata: dict[str, Any] | None = None, *, lease_s: float | None = None) -> Task:
         """A Task to use as ``with client.task(...) as t:`` (see the module documentation)."""
-        return Task(self, task_type, metadata)
+        return Task(self, task_type, metadata, lease_s=lease_s)
 
 
 class Task:
     """One task reported from a thread. ``with`` starts it and ends it; see the module documentation."""
 
-    def __init__(self, client: Client, task_type: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, client: Client, task_type: str, metadata: dict[str, Any] | None = None, *, lease_s: float | None = None
+    ) -> None:
         self._client = client
-        self._state = _TaskState(task_type, metadata)
+        self._state = _TaskState(task_type, metadata, lease_s)
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
@@ -322,7 +334,8 @@ class Task:
     def start(self) -> Self:
         if self._state.id is not None:
             raise TaskmonError(f"task {self._state.id} is already started")
-        created = self._client.create_task(self._state.task_type, self._state.metadata)
+        state = self._state
+        created = self._client.create_task(state.task_type, state.metadata, lease_s=state.lease_s)
         with self._lock:
             self._state.id = created["task_id"]
             self._state.seen(created)
@@ -495,10 +508,10 @@ class AsyncClient:
         except RetriesExhausted as exc:
             raise TaskmonUnavailable(f"{self.base_url}: {exc}") from exc
 
-    async def create_task(self, task_type: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"task_type": task_type}
-        if metadata is not None:
-            body["metadata"] = metadata
+    async def create_task(
+        self, task_type: str, metadata: dict[str, Any] | None = None, *, lease_s: float | None = None
+    ) -> dict[str, Any]:
+        body = _new_task_body(task_type, metadata, lease_s)
         return await self._call("create task", lambda: self._request("POST", "/api/tasks", body))
 
     async def update_task(self, task_id: str, **changes: Any) -> dict[str, Any]:
@@ -525,17 +538,26 @@ class AsyncClient:
                 raise
             return task
 
-    def task(self, task_type: str, metadata: dict[str, Any] | None = None) -> AsyncTask:
+    def task(
+        self, task_type: str, metadata: dict[str, Any] | None = None, *, lease_s: float | None = None
+    ) -> AsyncTask:
         """An AsyncTask to use as ``async with client.task(...) as t:``."""
-        return AsyncTask(self, task_type, metadata)
+        return AsyncTask(self, task_type, metadata, lease_s=lease_s)
 
 
 class AsyncTask:
     """One task reported from asyncio code; ``await t.progress(...)`` queues without waiting."""
 
-    def __init__(self, client: AsyncClient, task_type: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        task_type: str,
+        metadata: dict[str, Any] | None = None,
+        *,
+        lease_s: float | None = None,
+    ) -> None:
         self._client = client
-        self._state = _TaskState(task_type, metadata)
+        self._state = _TaskState(task_type, metadata, lease_s)
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
 
@@ -564,7 +586,9 @@ class AsyncTask:
     async def start(self) -> Self:
         if self._state.id is not None:
             raise TaskmonError(f"task {self._state.id} is already started")
-        created = await self._client.create_task(self._state.task_type, self._state.metadata)
+        created = await self._client.create_task(
+            self._state.task_type, self._state.metadata, lease_s=self._state.lease_s
+        )
         self._state.id = created["task_id"]
         self._state.seen(created)
         self._state.seen(await self._client.update_task(created["task_id"], status="processing"))

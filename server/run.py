@@ -14,8 +14,8 @@
   foreground process group of a terminal), the command got it too; otherwise it is forwarded. SIGTERM
   and SIGHUP are forwarded and fail the task with ``terminated (SIGTERM)`` etc. A second signal kills
   the command. A signal ignored when ``taskmon run`` started (a background job of a script) stays
-  ignored, as a shell would leave it. A cancel requested on the server (seen at the next progress line) terminates it (SIGTERM,
-  then SIGKILL after 10 s) and fails the task with ``cancelled``.
+  ignored, as a shell would leave it. A cancel requested on the server (seen at the next progress
+  line) terminates the command (SIGTERM, then SIGKILL after 10 s); the task fails with ``cancelled``.
 - The exit code is the command's; a command killed by signal N exits 128 + N, as shells report it
   (130 for SIGINT). A command that cannot be started: 127 (not found) or 126, as shells do.
 """
