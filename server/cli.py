@@ -193,8 +193,12 @@ def _run(args: argparse.Namespace) -> int:
         print("taskmon run: give the command after --, e.g. taskmon run -- ./import.sh", file=sys.stderr)
         return 2
     configure_logging("error")  # the command's terminal: taskmon run speaks only when it must
-    with Client(args.url, args.token, retry_deadline=args.retry_deadline) as client:
-        return run_command(command, client=client, task_type=args.task_type)
+    try:
+        with Client(args.url, args.token, retry_deadline=args.retry_deadline) as client:
+            return run_command(command, client=client, task_type=args.task_type)
+    except KeyboardInterrupt:  # while reaching taskmon before the command started, or after it ended
+        print("taskmon run: interrupted", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import signal
@@ -44,24 +45,34 @@ MAX_HELD = 4096  # a "::progress..." line longer than this is not ours: it passe
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
 CANCEL_GRACE_S = 10.0
+
+logger = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _write(out: BinaryIO, data: bytes) -> None:
-    if not data:
-        return
-    try:
-        out.write(data)
-        out.flush()
-    except (BrokenPipeError, ValueError):  # our reader went away: keep draining the command
-        pass
+class _Sink:
+    """Where the command's output goes. When our own reader goes away (a closed pipe), the output is
+    dropped from then on, but the command's pipe keeps being drained so the command is never blocked."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.gone = False
+
+    def write(self, data: bytes) -> None:
+        if not data or self.gone:
+            return
+        try:
+            self._out.write(data)
+            self._out.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.gone = True
 
 
 class ProgressFilter:
     """Streams a command's stdout to ``out``, taking out ``::progress`` lines (given to ``on_progress``)."""
 
     def __init__(self, out: BinaryIO, on_progress: Callable[[int, str | None], None]) -> None:
-        self._out = out
+        self._out = _Sink(out)
         self._on_progress = on_progress
         self._held = bytearray()  # the start of the current line, while it may be a progress line
         self._passing = False  # the current line is known not to be one: its bytes go straight out
@@ -87,7 +98,7 @@ class ProgressFilter:
                 out += self._held
                 self._held.clear()
                 self._passing = True
-        _write(self._out, bytes(out))
+        self._out.write(bytes(out))
 
     def close(self) -> None:
         """End of stream: a held last line without a newline is still a line."""
@@ -96,7 +107,7 @@ class ProgressFilter:
         out = bytearray()
         if line and not self._take(line, out):
             out += line
-        _write(self._out, bytes(out))
+        self._out.write(bytes(out))
 
     @staticmethod
     def _may_be_progress(held: bytearray) -> bool:
@@ -113,7 +124,7 @@ class ProgressFilter:
         percent = float(match.group(1))
         if percent > 100:
             return False
-        _write(self._out, bytes(out))  # what came before goes out first
+        self._out.write(bytes(out))  # what came before goes out first
         out.clear()
         message = (match.group(2) or b"").decode("utf-8", "replace")
         self._on_progress(round(percent), message or None)
@@ -124,12 +135,12 @@ class _StderrTail:
     """Streams stderr through and keeps its last lines for the failure message."""
 
     def __init__(self, out: BinaryIO) -> None:
-        self._out = out
+        self._out = _Sink(out)
         self._lines: collections.deque[bytes] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._partial = bytearray()
 
     def feed(self, data: bytes) -> None:
-        _write(self._out, data)
+        self._out.write(data)
         self._partial += data
         *complete, rest = bytes(self._partial).split(b"\n")
         self._lines.extend(line[-STDERR_TAIL_CHARS:] for line in complete)
@@ -145,8 +156,8 @@ def _pump(fd: int, feed: Callable[[bytes], None], close: Callable[[], None] | No
     try:
         while chunk := os.read(fd, 65536):
             feed(chunk)
-    except OSError:
-        pass  # the pipe was closed under us at exit
+    except Exception:
+        logger.exception("reading the command's output failed")
     finally:
         if close is not None:
             close()
@@ -225,6 +236,16 @@ def _exit_code(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
 
+def _start_task(client: Client, task_type: str, command: Sequence[str]) -> Task | None:
+    task = client.task(task_type, metadata={"command": " ".join(command)[:1000]})
+    try:
+        return task.start()
+    except TaskmonError as exc:
+        print(f"taskmon run: cannot report to {client.base_url} ({exc}); running the command unwatched",
+              file=sys.stderr, flush=True)
+        return None
+
+
 def run_command(
     command: Sequence[str],
     *,
@@ -237,14 +258,7 @@ def run_command(
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     task_type = task_type or os.path.basename(command[0]) or "command"
-    task: Task | None = client.task(task_type, metadata={"command": " ".join(command)[:1000]})
-    assert task is not None
-    try:
-        task.start()
-    except TaskmonError as exc:
-        print(f"taskmon run: cannot report to {client.base_url} ({exc}); running the command unwatched",
-              file=sys.stderr, flush=True)
-        task = None
+    task = _start_task(client, task_type, command)
 
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -151,6 +151,26 @@ async def test_an_exception_fails_the_task_with_its_message_and_propagates(
         assert failed.progress == 10  # the pending update went out with the failure
 
 
+async def test_a_cancelled_coroutine_still_reports_its_task_failed_interrupted(
+    live_server, settings: Settings
+) -> None:
+    async with live_server(settings) as srv, AsyncClient(srv.url, token="") as client:
+        ids: list[str | None] = []
+
+        async def job() -> None:
+            async with client.task("import") as t:
+                ids.append(t.id)
+                await t.progress(5, "started")
+                await anyio.sleep_forever()  # until the test cancels it
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job)
+            await until(lambda: ids and stored(srv, ids[0]).status is TaskStatus.PROCESSING)
+            tg.cancel_scope.cancel()
+        interrupted = stored(srv, ids[0])  # the report went out although the job was cancelled
+        assert (interrupted.status, interrupted.error, interrupted.progress) == (TaskStatus.FAILED, "interrupted", 5)
+
+
 async def test_a_cancel_request_raises_task_cancelled_and_fails_the_task_cancelled(
     live_server, settings: Settings
 ) -> None:
