@@ -1,4 +1,5 @@
-"""``taskmon serve`` and ``taskmon watch TASK_ID``: a thin CLI over the same path as programmatic use."""
+"""``taskmon serve``, ``taskmon watch TASK_ID`` and ``taskmon run -- COMMAND``: a thin CLI over the same
+path as programmatic use."""
 
 from __future__ import annotations
 
@@ -181,6 +182,25 @@ def _error_text(response: httpx.Response) -> str:
         return response.text[:200]
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .run import run_command
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        print("taskmon run: give the command after --, e.g. taskmon run -- ./import.sh", file=sys.stderr)
+        return 2
+    configure_logging("error")  # the command's terminal: taskmon run speaks only when it must
+    try:
+        with Client(args.url, args.token, retry_deadline=args.retry_deadline) as client:
+            return run_command(command, client=client, task_type=args.task_type)
+    except KeyboardInterrupt:  # while reaching taskmon before the command started, or after it ended
+        print("taskmon run: interrupted", file=sys.stderr)
+        return 130
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskmon", description="Real-time task progress service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +218,20 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="read or API token (default: TASKMON_READ_TOKEN)")
     watch.add_argument("--retries", type=int, default=10, help="reconnect attempts before giving up")
     watch.set_defaults(func=_watch)
+    run = commands.add_parser(
+        "run",
+        help="run COMMAND as a task; its stdout lines '::progress N message' report progress",
+        description="Run COMMAND as a task: processing while it runs, completed when it exits 0, failed "
+        "otherwise (with the exit code and the last lines of stderr). A stdout line '::progress 40 batch 4/10' "
+        "sets progress 40 and that message; all other output passes through. Exits with the command's code.",
+    )
+    run.add_argument("--type", dest="task_type", help="task_type (default: the command's name)")
+    run.add_argument("--url", help="taskmon base URL (default: TASKMON_URL, else http://127.0.0.1:8000)")
+    run.add_argument("--token", help="producer API token (default: TASKMON_API_TOKEN)")
+    run.add_argument("--retry-deadline", type=float, default=60.0,
+                     help="seconds to keep retrying when taskmon is unreachable (default 60)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -5,6 +5,11 @@ connection errors and timeouts. Everything else, in particular 4xx answers such 
 and 404, fails at once: asking again cannot help. Every retry is announced through ``on_retry``
 before the wait, so a job can show it in its task's message and progress_detail.
 
+A call gives up after ``policy.max_attempts`` attempts (None: no limit) or, when a ``deadline`` (seconds
+from the first attempt) is given, once it has passed: the last wait is cut short so one final attempt
+happens at the deadline. ``call_with_retry`` waits with a blocking sleep, ``acall_with_retry`` (for
+coroutines) with an awaitable one; both decide through the same ``plan_retry``.
+
 Errors are classified by duck typing (an int ``status_code`` attribute and a ``headers`` mapping,
 as the zep-cloud SDK's ``ApiError`` and ``httpx.HTTPStatusError.response`` carry), so this module
 does not depend on any client library except httpx's exception types.
@@ -16,7 +21,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -30,14 +35,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 5  # first try included
+    max_attempts: int | None = 5  # first try included; None: until the deadline (or forever)
     base_delay: float = 0.5  # seconds before the first retry (before jitter)
     max_delay: float = 30.0  # cap of the exponential part
     max_retry_after: float = 120.0  # a longer Retry-After is not waited for: the call fails
     jitter: float = 0.5  # fraction of the delay that is randomised (0 = none, 1 = full jitter)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
+        if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.base_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
             raise ValueError("delays must not be negative")
@@ -62,13 +67,14 @@ class Transient:
 class RetryEvent:
     operation: str
     retry: int  # 1 for the first retry
-    max_retries: int
+    max_retries: int | None  # None: bounded by a deadline only
     delay: float  # seconds until the next attempt
     reason: str
 
     def describe(self) -> str:
         delay = f"{self.delay:.1f}" if self.delay >= 10 else f"{self.delay:.2g}"
-        return f"{self.operation}: {self.reason}; retry {self.retry}/{self.max_retries} in {delay} s"
+        of = "" if self.max_retries is None else f"/{self.max_retries}"
+        return f"{self.operation}: {self.reason}; retry {self.retry}{of} in {delay} s"
 
 
 class RetriesExhausted(Exception):
@@ -149,6 +155,40 @@ class Retrier:
         )
 
 
+def plan_retry(
+    exc: Exception,
+    *,
+    operation: str,
+    attempt: int,
+    policy: RetryPolicy,
+    remaining: float | None = None,
+    rng: Callable[[], float] = random.random,
+) -> RetryEvent | None:
+    """The retry after attempt number ``attempt`` failed with ``exc``: None when ``exc`` is not
+    transient (the caller re-raises it); RetriesExhausted when attempts, the allowed Retry-After or the
+    deadline (``remaining`` seconds left) are used up. Logs the retry and returns its event."""
+    transient = classify(exc)
+    if transient is None:
+        return None
+    max_retries = None if policy.max_attempts is None else policy.max_attempts - 1
+    if max_retries is not None and attempt > max_retries:
+        raise RetriesExhausted(operation, attempt, transient.reason) from exc
+    if transient.retry_after is not None and transient.retry_after > policy.max_retry_after:
+        raise RetriesExhausted(operation, attempt, f"{transient.reason}, retry after {transient.retry_after:.0f} s") from exc
+    if remaining is not None and remaining <= 0:
+        raise RetriesExhausted(operation, attempt, f"{transient.reason}, deadline reached") from exc
+    delay = policy.backoff(attempt, rng)
+    if transient.retry_after is not None:
+        delay = max(delay, transient.retry_after)
+    if remaining is not None:
+        delay = min(delay, remaining)  # one last attempt at the deadline
+    logger.info(
+        "retrying after a transient failure",
+        extra={"operation": operation, "retry": attempt, "delay_s": round(delay, 3), "reason": transient.reason},
+    )
+    return RetryEvent(operation, attempt, max_retries, delay, transient.reason)
+
+
 def call_with_retry(
     fn: Callable[[], T],
     *,
@@ -157,37 +197,57 @@ def call_with_retry(
     on_retry: Callable[[RetryEvent], None] | None = None,
     sleep: Callable[[float], object] = time.sleep,
     rng: Callable[[], float] = random.random,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Call ``fn`` until it succeeds, retrying transient failures per ``policy``.
+    """Call ``fn`` until it succeeds, retrying transient failures per ``policy`` (and ``deadline``).
 
     ``sleep(delay)`` waits between attempts; when it returns a true value (e.g.
     ``threading.Event.wait`` after the event was set) the wait is treated as a request to stop
     and RetryAborted is raised. Non-transient errors propagate unchanged; a transient error on
     the last attempt becomes RetriesExhausted (chained to the original error).
     """
-    max_retries = policy.max_attempts - 1
+    end = None if deadline is None else clock() + deadline
     attempt = 1
     while True:
         try:
             return fn()
         except Exception as exc:
-            transient = classify(exc)
-            if transient is None:
+            remaining = None if end is None else end - clock()
+            event = plan_retry(exc, operation=operation, attempt=attempt, policy=policy, remaining=remaining, rng=rng)
+            if event is None:
                 raise
-            if attempt > max_retries:
-                raise RetriesExhausted(operation, attempt, transient.reason) from exc
-            if transient.retry_after is not None and transient.retry_after > policy.max_retry_after:
-                raise RetriesExhausted(operation, attempt, f"{transient.reason}, retry after {transient.retry_after:.0f} s") from exc
-            delay = policy.backoff(attempt, rng)
-            if transient.retry_after is not None:
-                delay = max(delay, transient.retry_after)
-            event = RetryEvent(operation, attempt, max_retries, delay, transient.reason)
-            logger.info(
-                "retrying after a transient failure",
-                extra={"operation": operation, "retry": attempt, "delay_s": round(delay, 3), "reason": transient.reason},
-            )
             if on_retry is not None:
                 on_retry(event)
-            if sleep(delay):
+            if sleep(event.delay):
+                raise RetryAborted(operation) from exc
+            attempt += 1
+
+
+async def acall_with_retry(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    operation: str,
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[object]],
+    on_retry: Callable[[RetryEvent], None] | None = None,
+    rng: Callable[[], float] = random.random,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``call_with_retry`` for a coroutine function; ``sleep`` is awaited (true result: RetryAborted)."""
+    end = None if deadline is None else clock() + deadline
+    attempt = 1
+    while True:
+        try:
+            return await fn()
+        except Exception as exc:
+            remaining = None if end is None else end - clock()
+            event = plan_retry(exc, operation=operation, attempt=attempt, policy=policy, remaining=remaining, rng=rng)
+            if event is None:
+                raise
+            if on_retry is not None:
+                on_retry(event)
+            if await sleep(event.delay):
                 raise RetryAborted(operation) from exc
             attempt += 1

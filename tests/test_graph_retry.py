@@ -16,6 +16,7 @@ from server.retry import (
     RetryAborted,
     RetryEvent,
     RetryPolicy,
+    acall_with_retry,
     call_with_retry,
     classify,
     parse_retry_after,
@@ -145,3 +146,65 @@ def test_classify_httpx_status_errors() -> None:
 def test_policy_is_validated(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)
+
+
+class _Clock:
+    """A fake monotonic clock that the fake sleep moves forward."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.waits: list[float] = []
+
+    def sleep(self, delay: float) -> None:
+        self.waits.append(delay)
+        self.now += delay
+
+
+def test_a_deadline_bounds_unlimited_attempts_with_a_last_attempt_at_the_deadline() -> None:
+    clock = _Clock()
+    fn = _Flaky(*[_zep(503) for _ in range(100)])
+    policy = RetryPolicy(max_attempts=None, base_delay=1.0, max_delay=4.0, jitter=0)
+    with pytest.raises(RetriesExhausted, match="deadline reached"):
+        call_with_retry(fn, operation="finish task", policy=policy, sleep=clock.sleep, clock=lambda: clock.now,
+                        deadline=10.0)
+    assert clock.waits == [1.0, 2.0, 4.0, 3.0]  # the last wait is cut to end at the deadline
+    assert fn.calls == 5
+
+
+def test_without_a_limit_the_event_has_no_maximum() -> None:
+    events: list[RetryEvent] = []
+    clock = _Clock()
+    fn = _Flaky(_zep(503), _zep(502))
+    policy = RetryPolicy(max_attempts=None, base_delay=0.5, jitter=0)
+    assert call_with_retry(fn, operation="progress", policy=policy, on_retry=events.append, sleep=clock.sleep) == "ok"
+    assert [e.max_retries for e in events] == [None, None]
+    assert events[1].describe() == "progress: server error (HTTP 502); retry 2 in 1 s"
+
+
+@pytest.mark.anyio
+async def test_the_async_variant_follows_the_same_plan() -> None:
+    waits: list[float] = []
+    calls = 0
+
+    async def fn() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise httpx.ConnectError("refused")
+        return "ok"
+
+    async def sleep(delay: float) -> bool:
+        waits.append(delay)
+        return False
+
+    policy = RetryPolicy(base_delay=1.0, jitter=0)
+    assert await acall_with_retry(fn, operation="create task", policy=policy, sleep=sleep) == "ok"
+    assert waits == [1.0, 2.0]
+
+    async def stop(delay: float) -> bool:
+        return True
+
+    calls = 0
+    with pytest.raises(RetryAborted):
+        await acall_with_retry(fn, operation="create task", policy=policy, sleep=stop)
+    assert calls == 1
