@@ -30,15 +30,20 @@ function saveToken(token) {
 let memoryToken = null;
 const currentToken = () => getToken() ?? memoryToken;
 
-/** URL for an EventSource: EventSource cannot send headers, so the token goes in the query. */
+/**
+ * URL for an EventSource: EventSource cannot send headers, so the token goes in the query.
+ * `path` is relative ("tasks/stream"), like every URL of the page: it resolves against the page's own
+ * address, so the page works when taskmon is mounted under a prefix or behind a proxy's root path.
+ */
 export function streamUrl(path, params = {}) {
-  const url = new URL(path, location.origin);
+  const query = new URLSearchParams();
   for (const [key, value] of Object.entries(params)) {
-    if (value !== null && value !== undefined && value !== "") url.searchParams.set(key, String(value));
+    if (value !== null && value !== undefined && value !== "") query.set(key, String(value));
   }
   const token = currentToken();
-  if (token) url.searchParams.set("access_token", token);
-  return url.pathname + url.search;
+  if (token) query.set("access_token", token);
+  const search = query.toString();
+  return search ? `${path}?${search}` : path;
 }
 
 // One token form for the whole page: concurrent 401s wait for the same answer.

@@ -38,7 +38,7 @@ onTokenWait((waiting) => conn.hold(waiting ? "token" : null));
 function openListStream() {
   const { status, task_type } = list.filters;
   conn.open(`list?status=${status}&task_type=${task_type}`, {
-    url: () => streamUrl("/tasks/stream", { status, task_type }),
+    url: () => streamUrl("tasks/stream", { status, task_type }),
     events: {
       snapshot: (data) => {
         list.loadSnapshot(data);
@@ -52,7 +52,7 @@ function openListStream() {
     },
     // The browser gave up (e.g. 401 or 503): probe with fetch, which asks for a token on a 401.
     recover: async () => {
-      await api("/api/graph/tasks?limit=1");
+      await api("api/graph/tasks?limit=1");
       return true;
     },
   });
@@ -60,7 +60,7 @@ function openListStream() {
 
 function openTaskStream(id) {
   conn.open(`task:${id}`, {
-    url: () => streamUrl(`/tasks/${encodeURIComponent(id)}/stream`, { last_event_id: detail.task?.version }),
+    url: () => streamUrl(`tasks/${encodeURIComponent(id)}/stream`, { last_event_id: detail.task?.version }),
     events: {
       task: (task) => detail.apply(task),
       end: () => taskFinished(id),

@@ -117,7 +117,7 @@ export class TaskDetail {
     this.#counts(result, null);
     setText($("graph-status"), "Loading graph data…");
     try {
-      const body = await api(`/api/graph/data/${encodeURIComponent(graphId)}`);
+      const body = await api(`api/graph/data/${encodeURIComponent(graphId)}`);
       if (this.id !== taskId) return;
       const data = body?.data ?? {};
       const nodes = Array.isArray(data.nodes) ? data.nodes : [];
@@ -149,7 +149,7 @@ export class TaskDetail {
 /** GET a task snapshot; null when it does not exist. Network failures throw. */
 export async function fetchTask(id) {
   try {
-    const body = await api(`/api/graph/task/${encodeURIComponent(id)}`);
+    const body = await api(`api/graph/task/${encodeURIComponent(id)}`);
     return body.data;
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) return null;

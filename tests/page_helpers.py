@@ -5,15 +5,20 @@ Debian's Chromium driven by Playwright's Python package; the producer API called
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
-from conftest import require_tool
+from conftest import LiveServer, require_tool
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, async_playwright
+
+from server.app import create_app
+from server.cli import Server, uvicorn_config
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -138,3 +143,47 @@ class Producer:
         response = await self.client.get(f"/api/graph/task/{task_id}")
         assert response.status_code == 200, response.text
         return response.json()["data"]
+
+
+def behind_prefix(app: Any, prefix: str) -> Any:
+    """ASGI: what a reverse proxy does with ``location /progress/ { proxy_pass http://taskmon/; }``.
+
+    Requests under ``prefix`` reach ``app`` with the prefix cut off; anything else is a plain 404, so
+    a page URL that ignores the prefix (a leading slash) fails to load."""
+    raw_prefix = prefix.encode()
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)  # lifespan
+            return
+        path = scope["path"]
+        if not path.startswith(prefix + "/"):
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"outside the mount"})
+            return
+        raw = scope.get("raw_path") or path.encode()
+        inner = dict(scope, path=path[len(prefix) :], raw_path=raw[len(raw_prefix) :])
+        await app(inner, receive, send)
+
+    return proxy
+
+
+class PrefixedServer(LiveServer):
+    """The live server reached only through ``behind_prefix``: the page lives at ``{url}{prefix}/``."""
+
+    def __init__(self, settings: Any, prefix: str) -> None:
+        super().__init__(settings)
+        self.prefix = prefix
+
+    async def start(self) -> None:
+        self.app = create_app(self.settings)
+        config = uvicorn_config(self.app, self.settings)
+        config.app = behind_prefix(self.app, self.prefix)
+        self._server = Server(config, self.app)
+        self._thread = threading.Thread(target=self._server.run, name="live-uvicorn-prefixed", daemon=True)
+        self._thread.start()
+        with anyio.fail_after(10):
+            while not self._server.started:
+                if not self._thread.is_alive():
+                    raise RuntimeError("uvicorn exited during start-up")
+                await anyio.sleep(0.01)
