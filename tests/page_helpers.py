@@ -145,11 +145,13 @@ class Producer:
         return response.json()["data"]
 
 
-def behind_prefix(app: Any, prefix: str) -> Any:
+def behind_prefix(app: Any, prefix: str, log: list[str]) -> Any:
     """ASGI: what a reverse proxy does with ``location /progress/ { proxy_pass http://taskmon/; }``.
 
     Requests under ``prefix`` reach ``app`` with the prefix cut off; anything else is a plain 404, so
-    a page URL that ignores the prefix (a leading slash) fails to load."""
+    a page URL that ignores the prefix (a leading slash) fails to load. Every request that reaches
+    the app is logged as ``path?query`` (the browser's connections, whatever opened them: a page or a
+    worker)."""
     raw_prefix = prefix.encode()
 
     async def proxy(scope: Any, receive: Any, send: Any) -> None:
@@ -163,27 +165,59 @@ def behind_prefix(app: Any, prefix: str) -> Any:
             return
         raw = scope.get("raw_path") or path.encode()
         inner = dict(scope, path=path[len(prefix) :], raw_path=raw[len(raw_prefix) :])
+        query = scope.get("query_string", b"").decode("latin-1")
+        log.append(f"{inner['path']}?{query}" if query else inner["path"])
         await app(inner, receive, send)
 
     return proxy
 
 
-class PrefixedServer(LiveServer):
-    """The live server reached only through ``behind_prefix``: the page lives at ``{url}{prefix}/``."""
+class ProxiedServer(LiveServer):
+    """The live server behind ``behind_prefix``: the page lives at ``{url}{prefix}/``."""
 
-    def __init__(self, settings: Any, prefix: str) -> None:
+    def __init__(self, settings: Any, prefix: str = "") -> None:
         super().__init__(settings)
         self.prefix = prefix
+        self.requests: list[str] = []
+
+    @property
+    def page_url(self) -> str:
+        return f"{self.url}{self.prefix}/"
+
+    def stream_requests(self) -> list[str]:
+        """Every stream request so far (any client), as ``path?query``."""
+        return [r for r in self.requests if r.split("?", 1)[0].endswith("/stream")]
 
     async def start(self) -> None:
         self.app = create_app(self.settings)
         config = uvicorn_config(self.app, self.settings)
-        config.app = behind_prefix(self.app, self.prefix)
+        config.app = behind_prefix(self.app, self.prefix, self.requests)
         self._server = Server(config, self.app)
-        self._thread = threading.Thread(target=self._server.run, name="live-uvicorn-prefixed", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, name="live-uvicorn-proxied", daemon=True)
         self._thread.start()
         with anyio.fail_after(10):
             while not self._server.started:
                 if not self._thread.is_alive():
                     raise RuntimeError("uvicorn exited during start-up")
                 await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def proxied(settings: Any, prefix: str = "") -> AsyncIterator[ProxiedServer]:
+    srv = ProxiedServer(settings, prefix)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def wait_open_streams(srv: LiveServer, per_task: int, all_tasks: int, timeout: float = 5) -> None:
+    """Until the server holds exactly this many open streams (a closed one goes a moment later)."""
+    bus = srv.manager.bus
+    try:
+        with anyio.fail_after(timeout):
+            while bus.count() != (per_task, all_tasks):
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"open streams (per task, all tasks): {bus.count()}, wanted {(per_task, all_tasks)}") from None
