@@ -129,8 +129,11 @@ class Producer:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def create(self, task_type: str) -> dict[str, Any]:
-        response = await self.client.post("/api/tasks", json={"task_type": task_type})
+    async def create(self, task_type: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"task_type": task_type}
+        if metadata is not None:
+            body["metadata"] = metadata
+        response = await self.client.post("/api/tasks", json=body)
         assert response.status_code == 201, response.text
         return response.json()["data"]
 

@@ -77,6 +77,7 @@ async def test_detail_view_follows_producer_updates_within_a_second(
         page, watch = await pages.open(f"{srv.url}/#/task/{task_id}")
         await expect(page.locator("#detail-status")).to_have_text("Pending", timeout=LOAD)
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
+        await expect(page.locator("#detail-metadata")).to_be_hidden()  # the task has none
         # One stream for the whole profile (the shared worker's all-tasks stream), none of the page's own.
         await assert_one_shared_stream(page, srv)
 
@@ -179,7 +180,7 @@ async def test_task_list_updates_live_and_filters_reopen_the_stream(
 async def test_task_text_is_shown_as_text_never_as_html(live_server: Any, settings: Settings, pages: Pages) -> None:
     async with live_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         producer = Producer(http)
-        task_id = (await producer.create("<b>bold</b>"))["task_id"]
+        task_id = (await producer.create("<b>bold</b>", metadata={"<u>owner</u>": XSS, "rows": 1200}))["task_id"]
         await producer.patch(
             task_id,
             status="processing",
@@ -190,9 +191,16 @@ async def test_task_text_is_shown_as_text_never_as_html(live_server: Any, settin
         await expect(row(page, task_id).locator(".task-message")).to_have_text(XSS, timeout=LOAD)
         await expect(row(page, task_id).locator(".task-type")).to_have_text("<b>bold</b>")
 
+        await expect(row(page, task_id).locator(".task-age")).to_have_text(re.compile(r"^updated (just now|\d+ s ago)$"))
         await row(page, task_id).locator("a").click()
         await expect(page.locator("#detail-message")).to_have_text(XSS, timeout=LOAD)
         await expect(page.locator("#detail-type")).to_have_text("<b>bold</b>")
+        # Metadata, as the producer wrote it, shown as text.
+        await expect(page.locator("#detail-metadata")).to_be_visible()
+        metadata = await page.eval_on_selector_all(
+            "#detail-metadata-kv > div", "divs => divs.map(d => [d.querySelector('dt').textContent, d.querySelector('dd').textContent])"
+        )
+        assert metadata == [["<u>owner</u>", XSS], ["rows", "1,200"]]
         pairs = await detail_pairs(page)
         assert pairs["Phase"] == XSS
         assert pairs["<i>key</i>"] == "<script>alert(2)</script>"
@@ -200,7 +208,7 @@ async def test_task_text_is_shown_as_text_never_as_html(live_server: Any, settin
         await expect(page.locator("#detail-error-text")).to_have_text(f"boom {XSS}", timeout=WITHIN)
         await expect(page.locator("#detail-log")).to_contain_text(XSS)
 
-        injected = await page.locator("main img, main script, main b, main i").count()
+        injected = await page.locator("main img, main script, main b, main i, main u").count()
         assert injected == 0, "task text was parsed as HTML"
         # The dialog watcher works (so the empty list below means something): a real alert is seen.
         await page.evaluate("() => alert('probe')")
