@@ -14,7 +14,7 @@
 import { StreamCore, allTasksUrl } from "./stream-core.js";
 
 const ports = new Map(); // MessagePort -> {need, url, token}
-let token = null;        // the latest token a tab gave (tabs keep theirs in session storage)
+let token = null;        // a token a tab gave (tabs keep theirs in session storage)
 let base = null;
 
 const core = new StreamCore({
@@ -68,7 +68,9 @@ self.onconnect = (event) => {
       case "want":
         info.need = Boolean(data.need);
         if (data.url) base = data.url;
-        if (data.token) token = data.token;
+        // A token just typed may be wrong: it replaces a working one only through "retry", which a
+        // tab sends once the server accepted its token.
+        if (data.token && !token) token = data.token;
         update();
         // Sent after the port counts as needing: every event from now on reaches this tab, so a
         // read it starts after this message misses nothing.
