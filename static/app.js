@@ -54,10 +54,12 @@ const hub = openHub("tasks/stream", {
       if (detail.id === data.task_id && view === "detail") taskMissing(data.task_id);
     }
   },
-  // The browser gave up on the stream (e.g. 401 or 503): probe with fetch, which asks for a token on a 401.
+  // The browser gave up on the stream (e.g. 401 or 503): probe with fetch, which asks for a token on
+  // a 401. Retry at once only with a new token; otherwise the stream's own backoff decides.
   probe: async () => {
+    const before = currentToken();
     await api("api/graph/tasks?limit=1");
-    return true;
+    return currentToken() !== before;
   },
 });
 $("conn").dataset.mode = hub.mode;

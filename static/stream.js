@@ -81,8 +81,8 @@ export class ConnState {
 
 /**
  * handlers = {state(state), event(name, data), epoch(), probe: async () => boolean}
- * probe() runs when the browser gave up on the stream (401, 503...): true once the server answers
- * (it may ask the user for a token first), and the stream is retried at once.
+ * probe() runs once each time the browser gives up on the stream (401, 503...); it may ask the user
+ * for a token, and returns true to retry at once (with the new token) instead of after the backoff.
  * Returns {mode, need(bool, token)}.
  */
 export function openHub(streamPath, handlers) {

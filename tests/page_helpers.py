@@ -1,4 +1,4 @@
-"""Helpers for the browser tests of the live page (tests/test_page.py).
+"""Helpers for the browser tests of the live page (tests/test_page.py, tests/test_tabs.py).
 
 Debian's Chromium driven by Playwright's Python package; the producer API called with httpx.
 """
@@ -34,8 +34,9 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
-# Counts the page's EventSource objects, so a test can check the one-stream-per-tab rule and see
-# which URLs the page opened. Installed before any page script runs.
+# Counts the EventSource objects a page opens itself (none while the shared worker holds the stream;
+# one in the per-tab fallback) and their URLs. Installed before any page script runs; workers are
+# not instrumented (count their requests with ProxiedServer or the server's open streams).
 TRACK_EVENTSOURCES = """
 (() => {
   const Native = window.EventSource;

@@ -15,7 +15,15 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 import pytest
-from page_helpers import CHROMIUM_ARGS, TRACK_EVENTSOURCES, PageWatch, Producer, chromium, proxied, stream_stats, wait_open_streams
+from page_helpers import (
+    TRACK_EVENTSOURCES,
+    PageWatch,
+    Producer,
+    chromium,
+    proxied,
+    stream_stats,
+    wait_open_streams,
+)
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from server.settings import Settings
@@ -25,7 +33,6 @@ pytestmark = pytest.mark.anyio
 LIVE = 5000  # ms: every tab shows "Live" this soon
 WITHIN = 2000  # ms: a change reaches every one of twelve tabs this soon (two cores, twelve renderers)
 NO_SHARED_WORKER = "delete window.SharedWorker;"
-assert CHROMIUM_ARGS  # the same browser set-up as tests/test_page.py
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,9 @@ async def open_tab(context: BrowserContext, url: str, watches: list[PageWatch]) 
     watch = PageWatch()
     watch.attach(page)
     watches.append(watch)
-    await page.goto(url)
-    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LIVE)
+    with anyio.fail_after(LIVE / 1000):  # from opening the tab to "Live"
+        await page.goto(url)
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LIVE)
     return page
 
 
@@ -196,7 +204,10 @@ async def test_without_shared_worker_each_tab_opens_its_own_stream(settings: Set
             producer = Producer(http)
             watches: list[PageWatch] = []
             task_id = (await producer.create("fallback"))["task_id"]
-            tabs = [await open_tab(context, f"{srv.page_url}#/", watches), await open_tab(context, f"{srv.page_url}#/task/{task_id}", watches)]
+            tabs = [
+                await open_tab(context, f"{srv.page_url}#/", watches),
+                await open_tab(context, f"{srv.page_url}#/task/{task_id}", watches),
+            ]
             await producer.patch(task_id, status="processing", progress=45, message="Each on its own")
             await expect(tabs[0].locator(f'li[data-task-id="{task_id}"] .pct')).to_have_text("45%", timeout=WITHIN)
             await expect(tabs[1].locator("#detail-progress-label")).to_have_text("45%", timeout=WITHIN)
