@@ -389,7 +389,7 @@ async def test_views_fit_a_360px_phone(
     async with live_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         producer = Producer(http)
         long_word = "x" * 120
-        task_id = (await producer.create(f"type_{long_word}"))["task_id"]
+        task_id = (await producer.create(f"type_{long_word}", metadata={f"key_{long_word}": long_word}))["task_id"]
         await producer.patch(
             task_id, status="processing", progress=50, message=f"A long message {long_word}",
             progress_detail={"phase": long_word, "batch": 1, "total_batches": 2},

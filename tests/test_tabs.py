@@ -10,6 +10,7 @@ of open streams is checked too. Pages opened with `?test` log every task version
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -221,3 +222,36 @@ async def test_without_shared_worker_each_tab_opens_its_own_stream(settings: Set
     finally:
         await context.close()
 
+
+
+async def test_after_a_server_restart_every_tab_reads_again_and_follows_the_new_stream(
+    settings: Settings, context: BrowserContext, tmp_path: Path
+) -> None:
+    durable = settings.with_changes(store_url=f"sqlite:///{tmp_path / 'tasks.db'}", retry_ms=200)
+    async with proxied(durable) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            task_id = (await Producer(http).create("long_job"))["task_id"]
+            await Producer(http).patch(task_id, status="processing", progress=20, message="Halfway")
+        watches: list[PageWatch] = []
+        tabs = [await open_tab(context, f"{srv.page_url}#/", watches) for _ in range(2)]
+        tabs.append(await open_tab(context, f"{srv.page_url}#/task/{task_id}", watches))
+        await srv.stop()
+        for page in tabs:
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=LIVE)
+        # The restarted server marks the task it found processing failed ("interrupted") before any
+        # stream is back: no event tells the tabs, only their re-read after the new snapshot does.
+        await srv.start()
+        for page in tabs:
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LIVE)
+        for page in tabs[:2]:
+            await expect(page.locator(f'li[data-task-id="{task_id}"] .badge')).to_have_text("Failed", timeout=WITHIN)
+        await expect(tabs[2].locator("#detail-status")).to_have_text("Failed", timeout=WITHIN)
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            fresh = (await Producer(http).create("after_restart"))["task_id"]
+            await Producer(http).patch(fresh, status="processing", progress=70, message="Live again")
+        for page in tabs[:2]:
+            await expect(page.locator(f'li[data-task-id="{fresh}"] .pct')).to_have_text("70%", timeout=WITHIN)
+        await wait_open_streams(srv, per_task=0, all_tasks=1)
+        # Two stream requests in all: the worker's first, and its one reconnect to the new server.
+        assert srv.stream_requests() == ["/tasks/stream", "/tasks/stream"]
+        assert [error for watch in watches for error in watch.errors] == []
