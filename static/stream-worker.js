@@ -4,6 +4,13 @@
 // loaded (issue 14). Closing any tab, including the one that started the worker, leaves the stream
 // alone; the worker closes it when no tab needs it any more and ends with the last tab.
 //
+// Why a SharedWorker rather than a leader tab (Web Locks + BroadcastChannel): the connection lives
+// outside every tab, so closing, reloading or freezing any tab never drops it: no hand-over, no gap,
+// no missed version (the all-tasks stream has no ids to resume from). A leader tab would reopen the
+// stream on every hand-over, and a throttled background leader delays every tab. Cost: no
+// SharedWorker on Chrome for Android (the tab then opens its own stream), and its console lives at
+// chrome://inspect/#workers (Firefox: about:debugging#workers).
+//
 // tab -> worker: {type: "hello", tab}                  the tab holds the Web Lock "taskmon-tab:<tab>"
 //                {type: "want", need, url, token}      url: absolute `tasks/stream`; token or null
 //                {type: "retry", token}                the tab's probe says the server answers again
