@@ -1,4 +1,6 @@
-// HTTP side of the page: the session token, fetch with Authorization, stream URLs.
+// HTTP side of the page: the session token and fetch with Authorization. Every URL the page uses is
+// relative ("api/...", "tasks/stream"): it resolves against the page's own address, so the page works
+// when taskmon is mounted under a prefix or behind a proxy's root path.
 import { $ } from "./dom.js";
 
 const TOKEN_KEY = "taskmon.token";
@@ -28,18 +30,8 @@ function saveToken(token) {
 }
 
 let memoryToken = null;
-const currentToken = () => getToken() ?? memoryToken;
-
-/** URL for an EventSource: EventSource cannot send headers, so the token goes in the query. */
-export function streamUrl(path, params = {}) {
-  const url = new URL(path, location.origin);
-  for (const [key, value] of Object.entries(params)) {
-    if (value !== null && value !== undefined && value !== "") url.searchParams.set(key, String(value));
-  }
-  const token = currentToken();
-  if (token) url.searchParams.set("access_token", token);
-  return url.pathname + url.search;
-}
+/** The token this tab holds (session storage, or memory when storage is disabled), or null. */
+export const currentToken = () => getToken() ?? memoryToken;
 
 // One token form for the whole page: concurrent 401s wait for the same answer.
 let pendingAsk = null;

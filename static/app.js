@@ -1,21 +1,26 @@
-// taskmon live page: routes (#/, #/task/{id}, #/new) and the single stream that feeds them.
+// taskmon live page: routes (#/, #/task/{id}, #/new) fed by one live connection per browser.
 //
-// Which stream is open:
-//   * detail view of a task that is still running -> /tasks/{id}/stream?last_event_id=<fetched version>
-//   * everything else                             -> /tasks/stream?status=..&task_type=.. (the list)
-// Switching views switches the one EventSource; the tab never holds two.
+// The stream: the unfiltered `tasks/stream`, shared by every tab of this profile through a
+// SharedWorker (stream.js; one EventSource per tab where that does not exist). Each view reads what
+// it shows when it appears and again at every new epoch of the stream (it was (re)opened: what
+// happened meanwhile is known only from a fresh read), then applies the stream's events with a
+// higher version: the list (GET api/graph/tasks, filtered here) and a task (GET api/graph/task/{id}).
 import { $, setText } from "./dom.js";
-import { api, onTokenWait, streamUrl } from "./api.js";
-import { Connection } from "./stream.js";
+import { api, currentToken, onTokenWait } from "./api.js";
+import { ConnState, openHub } from "./stream.js";
 import { TaskList } from "./list.js";
 import { TaskDetail, fetchTask } from "./detail.js";
 import { setupBuildForm } from "./build.js";
-import { isTerminal } from "./format.js";
 
-const conn = new Connection();
+const conn = new ConnState();
 const list = new TaskList();
 const detail = new TaskDetail();
 let view = null;
+
+// `?test` in the page address keeps a log of every task version this tab received (the tab tests
+// check that none is missed or out of order). Nothing is recorded otherwise.
+const TEST_LOG = new URLSearchParams(location.search).has("test") ? (window.__taskmonSeen = []) : null;
+const record = (via, task) => TEST_LOG?.push({ via, id: task.task_id, version: task.version });
 
 const CONN_LABELS = {
   connecting: "Connecting…",
@@ -25,73 +30,79 @@ const CONN_LABELS = {
   token: "Token needed",
 };
 
-conn.onState((state) => {
+conn.onChange((state) => {
   const el = $("conn");
   el.dataset.state = state;
   setText(el.querySelector(".conn-label"), CONN_LABELS[state] ?? state);
 });
 
-onTokenWait((waiting) => conn.hold(waiting ? "token" : null));
+// ---- the stream ---------------------------------------------------------------------------
 
-// ---- streams ------------------------------------------------------------------------------
+const hub = openHub("tasks/stream", {
+  state: (state) => {
+    $("conn").dataset.mode = hub?.mode ?? "";
+    conn.stream(state);
+  },
+  epoch: () => resync(),
+  event: (name, data) => {
+    if (name === "task") {
+      record("event", data);
+      list.upsert(data);
+      detail.apply(data);
+    } else if (name === "removed") {
+      list.remove(data);
+      if (detail.id === data.task_id && view === "detail") taskMissing(data.task_id);
+    }
+  },
+  // The browser gave up on the stream (e.g. 401 or 503): probe with fetch, which asks for a token on
+  // a 401. Retry at once only with a new token; otherwise the stream's own backoff decides.
+  probe: async () => {
+    const before = currentToken();
+    await api("api/graph/tasks?limit=1");
+    return currentToken() !== before;
+  },
+});
+$("conn").dataset.mode = hub.mode;
+hub.need(true, currentToken());
+onTokenWait((waiting) => {
+  conn.hold(waiting ? "token" : null);
+  hub.need(!waiting, currentToken());
+});
+window.addEventListener("offline", () => conn.browserOffline());
 
-function openListStream() {
-  const { status, task_type } = list.filters;
-  conn.open(`list?status=${status}&task_type=${task_type}`, {
-    url: () => streamUrl("/tasks/stream", { status, task_type }),
-    events: {
-      snapshot: (data) => {
-        list.loadSnapshot(data);
-        if (view === "detail") for (const task of data.tasks ?? []) detail.apply(task);
-      },
-      task: (task) => {
-        list.upsert(task);
-        if (view === "detail") detail.apply(task);
-      },
-      removed: (data) => list.remove(data),
-    },
-    // The browser gave up (e.g. 401 or 503): probe with fetch, which asks for a token on a 401.
-    recover: async () => {
-      await api("/api/graph/tasks?limit=1");
-      return true;
-    },
+/** The stream (re)started: read again what this tab shows. */
+function resync() {
+  if (view === "detail") loadDetail(detail.id);
+  else if (view) loadList();
+}
+
+function loadList() {
+  list.load().catch((err) => {
+    // Server unreachable: the stream's next epoch reads again.
+    console.debug("taskmon: reading the list failed", err);
   });
 }
 
-function openTaskStream(id) {
-  conn.open(`task:${id}`, {
-    url: () => streamUrl(`/tasks/${encodeURIComponent(id)}/stream`, { last_event_id: detail.task?.version }),
-    events: {
-      task: (task) => detail.apply(task),
-      end: () => taskFinished(id),
-    },
-    // The browser gave up (204 after the terminal event, 404, 401, 503): reload the snapshot and decide.
-    recover: async () => {
-      const task = await fetchTask(id);
-      if (!task) {
-        taskMissing(id);
-        return false;
-      }
-      detail.apply(task);
-      if (isTerminal(task)) {
-        taskFinished(id);
-        return false;
-      }
-      return true;
-    },
-  });
-}
-
-function taskFinished(id) {
-  if (view !== "detail" || detail.id !== id) return;
-  // The per-task stream is over; keep the page live through the list stream instead.
-  openListStream();
+async function loadDetail(id) {
+  let task;
+  try {
+    task = await fetchTask(id);
+  } catch (err) {
+    console.debug("taskmon: reading the task failed, the next epoch reads again", err);
+    return;
+  }
+  if (detail.id !== id || view !== "detail") return; // navigated away meanwhile
+  if (task === null) {
+    taskMissing(id);
+    return;
+  }
+  record("read", task);
+  detail.apply(task);
 }
 
 function taskMissing(id) {
   if (detail.id !== id) return;
   detail.showError("There is no task with this id (it may have been removed by retention cleanup).");
-  openListStream();
 }
 
 // ---- views --------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ function showList(filters, focus) {
   const changed = filters.status !== list.filters.status || filters.task_type !== list.filters.task_type;
   list.setFilters(filters);
   if (changed || !list.loaded) list.markLoading();
-  openListStream();
+  loadList();
 }
 
 async function showDetail(id, focus) {
@@ -128,33 +139,17 @@ async function showDetail(id, focus) {
   detail.reset(id);
   show("detail", false);
   document.title = "Task · taskmon";
-  let task;
-  try {
-    task = await fetchTask(id);
-  } catch (err) {
-    // Server unreachable: open the stream anyway; EventSource keeps retrying and starts with the snapshot.
-    console.debug("taskmon: snapshot fetch failed, relying on the stream", err);
-    task = undefined;
-  }
-  if (detail.id !== id || view !== "detail") return; // navigated away meanwhile
-  if (task === null) {
-    taskMissing(id);
-    return;
-  }
-  if (task) detail.apply(task);
-  if (focus) {
+  await loadDetail(id);
+  if (focus && detail.id === id && view === "detail") {
     const heading = $("detail-title");
     heading.setAttribute("tabindex", "-1");
     heading.focus();
   }
-  if (task && isTerminal(task)) openListStream();
-  else openTaskStream(id);
 }
 
 function showNew(focus) {
   show("new", focus);
   document.title = "New graph build · taskmon";
-  openListStream(); // keeps the task list current in the background, one stream as always
 }
 
 function parseFilters(query) {

@@ -37,9 +37,9 @@ async function createProject({ name, text, files }) {
     const form = new FormData();
     form.append("name", name);
     for (const file of files) form.append("files", file, file.name);
-    return api("/api/graph/project", { method: "POST", body: form });
+    return api("api/graph/project", { method: "POST", body: form });
   }
-  return api("/api/graph/project", { method: "POST", json: { name, text } });
+  return api("api/graph/project", { method: "POST", json: { name, text } });
 }
 
 /** Wire the form; `openTask(id)` shows the new task. */
@@ -59,7 +59,7 @@ export function setupBuildForm(openTask) {
       setText($("build-status"), "Starting the build…");
       let taskId;
       try {
-        const started = await api("/api/graph/build", {
+        const started = await api("api/graph/build", {
           method: "POST",
           json: { project_id: projectId, chunk_size: values.chunkSize, chunk_overlap: values.chunkOverlap },
         });

@@ -37,7 +37,7 @@ export class TaskDetail {
     setText($("detail-error"), text);
   }
 
-  /** Apply a snapshot (from fetch, the per-task stream or the list stream). Returns true if it was new. */
+  /** Apply a snapshot (read with GET, or a `task` event of the shared stream). Returns true if it was new. */
   apply(task) {
     if (!task || task.task_id !== this.id) return false;
     const previous = this.task;
@@ -78,6 +78,10 @@ export class TaskDetail {
     // Graph counts get their own display below; the rest of the result is listed here.
     const shown = result ? Object.entries(result).filter(([k]) => !(result.graph_id && GRAPH_COUNT_KEYS.has(k))) : [];
     fillKv($("detail-result-kv"), shown.map(([k, v]) => [humanize(k), valueText(v)]));
+    // The producer's own keys, as it wrote them (text, never HTML).
+    const metadata = task.metadata && typeof task.metadata === "object" && !Array.isArray(task.metadata) ? Object.entries(task.metadata) : [];
+    fillKv($("detail-metadata-kv"), metadata.map(([k, v]) => [k, valueText(v)]));
+    $("detail-metadata").hidden = metadata.length === 0;
     if (result && result.graph_id) this.#loadGraph(result);
     return true;
   }
@@ -117,7 +121,7 @@ export class TaskDetail {
     this.#counts(result, null);
     setText($("graph-status"), "Loading graph data…");
     try {
-      const body = await api(`/api/graph/data/${encodeURIComponent(graphId)}`);
+      const body = await api(`api/graph/data/${encodeURIComponent(graphId)}`);
       if (this.id !== taskId) return;
       const data = body?.data ?? {};
       const nodes = Array.isArray(data.nodes) ? data.nodes : [];
@@ -149,7 +153,7 @@ export class TaskDetail {
 /** GET a task snapshot; null when it does not exist. Network failures throw. */
 export async function fetchTask(id) {
   try {
-    const body = await api(`/api/graph/task/${encodeURIComponent(id)}`);
+    const body = await api(`api/graph/task/${encodeURIComponent(id)}`);
     return body.data;
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) return null;

@@ -1,19 +1,24 @@
-"""Helpers for the browser tests of the live page (tests/test_page.py).
+"""Helpers for the browser tests of the live page (tests/test_page.py, tests/test_tabs.py).
 
 Debian's Chromium driven by Playwright's Python package; the producer API called with httpx.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
-from conftest import require_tool
+from conftest import LiveServer, require_tool
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, async_playwright
+
+from server.app import create_app
+from server.cli import Server, uvicorn_config
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -29,8 +34,9 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
-# Counts the page's EventSource objects, so a test can check the one-stream-per-tab rule and see
-# which URLs the page opened. Installed before any page script runs.
+# Counts the EventSource objects a page opens itself (none while the shared worker holds the stream;
+# one in the per-tab fallback) and their URLs. Installed before any page script runs; workers are
+# not instrumented (count their requests with ProxiedServer or the server's open streams).
 TRACK_EVENTSOURCES = """
 (() => {
   const Native = window.EventSource;
@@ -124,8 +130,11 @@ class Producer:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def create(self, task_type: str) -> dict[str, Any]:
-        response = await self.client.post("/api/tasks", json={"task_type": task_type})
+    async def create(self, task_type: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"task_type": task_type}
+        if metadata is not None:
+            body["metadata"] = metadata
+        response = await self.client.post("/api/tasks", json=body)
         assert response.status_code == 201, response.text
         return response.json()["data"]
 
@@ -138,3 +147,81 @@ class Producer:
         response = await self.client.get(f"/api/graph/task/{task_id}")
         assert response.status_code == 200, response.text
         return response.json()["data"]
+
+
+def behind_prefix(app: Any, prefix: str, log: list[str]) -> Any:
+    """ASGI: what a reverse proxy does with ``location /progress/ { proxy_pass http://taskmon/; }``.
+
+    Requests under ``prefix`` reach ``app`` with the prefix cut off; anything else is a plain 404, so
+    a page URL that ignores the prefix (a leading slash) fails to load. Every request that reaches
+    the app is logged as ``path?query`` (the browser's connections, whatever opened them: a page or a
+    worker)."""
+    raw_prefix = prefix.encode()
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)  # lifespan
+            return
+        path = scope["path"]
+        if not path.startswith(prefix + "/"):
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"outside the mount"})
+            return
+        raw = scope.get("raw_path") or path.encode()
+        inner = dict(scope, path=path[len(prefix) :], raw_path=raw[len(raw_prefix) :])
+        query = scope.get("query_string", b"").decode("latin-1")
+        log.append(f"{inner['path']}?{query}" if query else inner["path"])
+        await app(inner, receive, send)
+
+    return proxy
+
+
+class ProxiedServer(LiveServer):
+    """The live server behind ``behind_prefix``: the page lives at ``{url}{prefix}/``."""
+
+    def __init__(self, settings: Any, prefix: str = "") -> None:
+        super().__init__(settings)
+        self.prefix = prefix
+        self.requests: list[str] = []
+
+    @property
+    def page_url(self) -> str:
+        return f"{self.url}{self.prefix}/"
+
+    def stream_requests(self) -> list[str]:
+        """Every stream request so far (any client), as ``path?query``."""
+        return [r for r in self.requests if r.split("?", 1)[0].endswith("/stream")]
+
+    async def start(self) -> None:
+        self.app = create_app(self.settings)
+        config = uvicorn_config(self.app, self.settings)
+        config.app = behind_prefix(self.app, self.prefix, self.requests)
+        self._server = Server(config, self.app)
+        self._thread = threading.Thread(target=self._server.run, name="live-uvicorn-proxied", daemon=True)
+        self._thread.start()
+        with anyio.fail_after(10):
+            while not self._server.started:
+                if not self._thread.is_alive():
+                    raise RuntimeError("uvicorn exited during start-up")
+                await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def proxied(settings: Any, prefix: str = "") -> AsyncIterator[ProxiedServer]:
+    srv = ProxiedServer(settings, prefix)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def wait_open_streams(srv: LiveServer, per_task: int, all_tasks: int, timeout: float = 5) -> None:
+    """Until the server holds exactly this many open streams (a closed one goes a moment later)."""
+    bus = srv.manager.bus
+    try:
+        with anyio.fail_after(timeout):
+            while bus.count() != (per_task, all_tasks):
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"open streams (per task, all tasks): {bus.count()}, wanted {(per_task, all_tasks)}") from None

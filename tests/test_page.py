@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from page_helpers import ARTIFACTS, Pages, Producer, chromium, stream_stats
+from page_helpers import ARTIFACTS, Pages, Producer, chromium, proxied, stream_stats, wait_open_streams
 from playwright.async_api import Browser, Page, expect
 
 from server.settings import Settings
@@ -60,10 +60,12 @@ async def detail_pairs(page: Page) -> dict[str, str]:
     )
 
 
-async def assert_one_stream_at_most(page: Page) -> dict[str, Any]:
+async def assert_one_shared_stream(page: Page, srv: Any) -> None:
+    """The page opened no EventSource of its own: the profile's one stream is the shared worker's."""
+    await expect(page.locator("#conn")).to_have_attribute("data-mode", "shared")
     stats = await stream_stats(page)
-    assert stats["max"] <= 1, f"the page held {stats['max']} EventSources at once: {stats['urls']}"
-    return stats
+    assert stats["max"] == 0, f"the page opened EventSources itself: {stats['urls']}"
+    await wait_open_streams(srv, per_task=0, all_tasks=1)
 
 
 async def test_detail_view_follows_producer_updates_within_a_second(
@@ -75,9 +77,9 @@ async def test_detail_view_follows_producer_updates_within_a_second(
         page, watch = await pages.open(f"{srv.url}/#/task/{task_id}")
         await expect(page.locator("#detail-status")).to_have_text("Pending", timeout=LOAD)
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
-        # The snapshot was fetched at version 1, so the stream was opened from there.
-        stats = await stream_stats(page)
-        assert stats["urls"] == [f"/tasks/{task_id}/stream?last_event_id=1"]
+        await expect(page.locator("#detail-metadata")).to_be_hidden()  # the task has none
+        # One stream for the whole profile (the shared worker's all-tasks stream), none of the page's own.
+        await assert_one_shared_stream(page, srv)
 
         steps: list[dict[str, Any]] = [
             {"status": "processing", "progress": 5, "message": "Chunking the text"},
@@ -111,13 +113,9 @@ async def test_detail_view_follows_producer_updates_within_a_second(
         await expect(page.locator("#detail-log .log-msg")).to_have_text(
             ["Pending", "Chunking the text", "Adding batch 3 of 10", "Zep is busy, retrying batch 6", "Graph ready"]
         )
-        # `end` closed the per-task stream; the page stays live on the list stream, never two at once.
-        await page.wait_for_function(
-            "() => window.__streams.open === 1 && window.__streams.urls.at(-1).startsWith('/tasks/stream')",
-            timeout=WITHIN,
-        )
+        # The task is over; the page stays live on the same shared stream.
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
-        await assert_one_stream_at_most(page)
+        await assert_one_shared_stream(page, srv)
         assert watch.errors == []
 
 
@@ -143,11 +141,11 @@ async def test_task_list_updates_live_and_filters_reopen_the_stream(
         await expect(page.locator("#task-list > li").first).to_have_attribute("data-task-id", report)  # newest first
         await expect(page.locator("#list-count")).to_have_text("2 tasks")
 
-        # Status filter: the stream is reopened with the query; tasks move in and out live.
+        # Status filter (applied to a fresh read and to the shared stream's events): tasks move in and out live.
         await page.select_option("#filter-status", "processing")
         await expect(page.locator("#task-list > li")).to_have_count(1, timeout=LOAD)
         await expect(row(page, ingest)).to_be_visible()
-        assert (await stream_stats(page))["urls"][-1] == "/tasks/stream?status=processing"
+        await assert_one_shared_stream(page, srv)
         await producer.patch(ingest, status="completed", progress=100, message="All read")
         await expect(row(page, ingest)).to_have_count(0, timeout=WITHIN)
         await expect(page.locator("#list-empty")).to_have_text("No tasks match these filters.", timeout=WITHIN)
@@ -159,7 +157,6 @@ async def test_task_list_updates_live_and_filters_reopen_the_stream(
         await page.fill("#filter-type", "ingest")
         await expect(page.locator("#task-list > li")).to_have_count(1, timeout=LOAD)
         await expect(row(page, ingest).locator(".badge")).to_have_text("Completed")
-        assert (await stream_stats(page))["urls"][-1] == "/tasks/stream?task_type=ingest"
         assert page.url.endswith("#/?task_type=ingest")
 
         # Keyboard: Tab from the filter reaches the task, Enter opens its detail.
@@ -176,15 +173,14 @@ async def test_task_list_updates_live_and_filters_reopen_the_stream(
         await page.goto(f"{srv.url}/#/task/{uuid.uuid4()}")
         await expect(page.locator("#detail-error")).to_contain_text("There is no task with this id", timeout=LOAD)
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
-        assert (await stream_stats(page))["urls"][-1].startswith("/tasks/stream")
-        await assert_one_stream_at_most(page)
+        await assert_one_shared_stream(page, srv)
         assert watch.errors == []
 
 
 async def test_task_text_is_shown_as_text_never_as_html(live_server: Any, settings: Settings, pages: Pages) -> None:
     async with live_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         producer = Producer(http)
-        task_id = (await producer.create("<b>bold</b>"))["task_id"]
+        task_id = (await producer.create("<b>bold</b>", metadata={"<u>owner</u>": XSS, "rows": 1200}))["task_id"]
         await producer.patch(
             task_id,
             status="processing",
@@ -195,9 +191,16 @@ async def test_task_text_is_shown_as_text_never_as_html(live_server: Any, settin
         await expect(row(page, task_id).locator(".task-message")).to_have_text(XSS, timeout=LOAD)
         await expect(row(page, task_id).locator(".task-type")).to_have_text("<b>bold</b>")
 
+        await expect(row(page, task_id).locator(".task-age")).to_have_text(re.compile(r"^updated (just now|\d+ s ago)$"))
         await row(page, task_id).locator("a").click()
         await expect(page.locator("#detail-message")).to_have_text(XSS, timeout=LOAD)
         await expect(page.locator("#detail-type")).to_have_text("<b>bold</b>")
+        # Metadata, as the producer wrote it, shown as text.
+        await expect(page.locator("#detail-metadata")).to_be_visible()
+        metadata = await page.eval_on_selector_all(
+            "#detail-metadata-kv > div", "divs => divs.map(d => [d.querySelector('dt').textContent, d.querySelector('dd').textContent])"
+        )
+        assert metadata == [["<u>owner</u>", XSS], ["rows", "1,200"]]
         pairs = await detail_pairs(page)
         assert pairs["Phase"] == XSS
         assert pairs["<i>key</i>"] == "<script>alert(2)</script>"
@@ -205,7 +208,7 @@ async def test_task_text_is_shown_as_text_never_as_html(live_server: Any, settin
         await expect(page.locator("#detail-error-text")).to_have_text(f"boom {XSS}", timeout=WITHIN)
         await expect(page.locator("#detail-log")).to_contain_text(XSS)
 
-        injected = await page.locator("main img, main script, main b, main i").count()
+        injected = await page.locator("main img, main script, main b, main i, main u").count()
         assert injected == 0, "task text was parsed as HTML"
         # The dialog watcher works (so the empty list below means something): a real alert is seen.
         await page.evaluate("() => alert('probe')")
@@ -241,10 +244,7 @@ async def test_a_build_started_from_the_page_completes_and_shows_the_graph(
             task_id = page.url.rsplit("/", 1)[-1]
             await expect(page.locator("#detail-status")).to_have_text("Pending", timeout=LOAD)
             await expect(page.locator("#detail-type")).to_have_text("graph_build")
-            await page.wait_for_function(
-                f"() => window.__streams.open === 1 && window.__streams.urls.at(-1) === '/tasks/{task_id}/stream?last_event_id=1'",
-                timeout=LOAD,
-            )
+            await assert_one_shared_stream(page, srv)
         finally:
             release.set()
         await expect(page.locator("#detail-status")).to_have_text("Completed", timeout=30_000)
@@ -264,7 +264,7 @@ async def test_a_build_started_from_the_page_completes_and_shows_the_graph(
 
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "graph-build-detail.png"), full_page=True)
-        await assert_one_stream_at_most(page)
+        await assert_one_shared_stream(page, srv)
         assert watch.errors == []
 
 
@@ -327,10 +327,10 @@ async def test_server_restart_shows_reconnecting_then_live_with_the_latest_state
             await producer.patch(after, status="processing", progress=55, message="Fresh start")
             await expect(row(page, after).locator(".pct")).to_have_text("55%", timeout=WITHIN)
 
-        # The same while watching one task: the browser reconnects the per-task stream by itself
-        # (Last-Event-ID) and the detail shows what the restarted server holds.
+        # The same while watching one task: the shared stream reconnects by itself and the detail
+        # reads the task again (a new snapshot = a new epoch), showing what the restarted server holds.
         await row(page, after).locator("a").click()
-        await page.wait_for_function(f"() => window.__streams.urls.at(-1).startsWith('/tasks/{after}/stream')", timeout=LOAD)
+        await expect(page.locator("#detail-status")).to_have_text("Processing", timeout=LOAD)
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
         await srv.stop()
         await expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=LOAD)
@@ -340,7 +340,7 @@ async def test_server_restart_shows_reconnecting_then_live_with_the_latest_state
         await expect(page.locator("#detail-status")).to_have_text(latest["status"].capitalize(), timeout=LOAD)
         await expect(page.locator("#detail-progress-label")).to_have_text(f"{latest['progress']}%")
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
-        await assert_one_stream_at_most(page)
+        await assert_one_shared_stream(page, srv)
         assert watch.errors == []
 
 
@@ -364,13 +364,12 @@ async def test_read_token_is_asked_once_and_kept_for_the_session(
         await expect(page.locator("#auth")).to_be_hidden(timeout=LOAD)
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
         await expect(row(page, task_id)).to_be_visible(timeout=LOAD)
-        assert (await stream_stats(page))["urls"][-1] == f"/tasks/stream?access_token={token}"
+        await assert_one_shared_stream(page, srv)  # only a stream with the token is let in
         assert await page.evaluate("() => sessionStorage.getItem('taskmon.token')") == token
 
-        # Detail: the snapshot fetch carries the header, the stream the query parameter.
+        # Detail: the snapshot read carries the header, the shared stream the query parameter.
         await row(page, task_id).locator("a").click()
         await expect(page.locator("#detail-status")).to_have_text("Pending", timeout=LOAD)
-        assert (await stream_stats(page))["urls"][-1] == f"/tasks/{task_id}/stream?last_event_id=1&access_token={token}"
         await producer.patch(task_id, status="processing", progress=20, message="Guarded work")
         await expect(page.locator("#detail-progress-label")).to_have_text("20%", timeout=WITHIN)
 
@@ -379,7 +378,7 @@ async def test_read_token_is_asked_once_and_kept_for_the_session(
         await expect(page.locator("#detail-progress-label")).to_have_text("20%", timeout=LOAD)
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
         await expect(page.locator("#auth")).to_be_hidden()
-        await assert_one_stream_at_most(page)
+        await assert_one_shared_stream(page, srv)
         assert watch.errors == []
 
 
@@ -390,7 +389,7 @@ async def test_views_fit_a_360px_phone(
     async with live_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         producer = Producer(http)
         long_word = "x" * 120
-        task_id = (await producer.create(f"type_{long_word}"))["task_id"]
+        task_id = (await producer.create(f"type_{long_word}", metadata={f"key_{long_word}": long_word}))["task_id"]
         await producer.patch(
             task_id, status="processing", progress=50, message=f"A long message {long_word}",
             progress_detail={"phase": long_word, "batch": 1, "total_batches": 2},
@@ -401,4 +400,24 @@ async def test_views_fit_a_360px_phone(
             await page.goto(f"{srv.url}/{fragment}")
             await page.locator(ready).wait_for(state="visible", timeout=LOAD)
             assert await page.evaluate(overflow) <= 0, f"{fragment} scrolls sideways at 360 px"
+        assert watch.errors == []
+
+
+async def test_the_page_works_under_a_path_prefix(settings: Settings, pages: Pages) -> None:
+    """Mounted at /progress/ behind a proxy: every URL the page uses resolves against its own address."""
+    async with proxied(settings, "/progress") as srv, httpx.AsyncClient(base_url=f"{srv.url}/progress") as http:
+        producer = Producer(http)
+        task_id = (await producer.create("prefixed"))["task_id"]
+        page, watch = await pages.open(srv.page_url)
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=LOAD)
+        await expect(row(page, task_id)).to_be_visible(timeout=LOAD)
+        await expect(page.locator(".brand a")).to_have_css("text-decoration-line", "none")  # the stylesheet loaded
+        await producer.patch(task_id, status="processing", progress=25, message="Under a prefix")
+        await expect(row(page, task_id).locator(".pct")).to_have_text("25%", timeout=WITHIN)
+        await row(page, task_id).locator("a").click()
+        await expect(page.locator("#detail-message")).to_have_text("Under a prefix", timeout=LOAD)
+        await producer.patch(task_id, progress=50, message="Still under it")
+        await expect(page.locator("#detail-progress-label")).to_have_text("50%", timeout=WITHIN)
+        assert srv.stream_requests() == ["/tasks/stream"]
+        await assert_one_shared_stream(page, srv)
         assert watch.errors == []
