@@ -246,6 +246,9 @@ class EventBus:
         self._queue_size = queue_size
         self._pending: deque[Event] = deque()
         self._drain_scheduled = False
+        self._wake = threading.Event()  # set by a publishing thread; the waker thread hops to the loop
+        self._waker: threading.Thread | None = None
+        self._waker_lock = threading.Lock()
         self.ready: list[Subscriber] = []  # subscribers with something new since the last flush
         self._flush_scheduled = False
         self._by_task: dict[str, set[Subscriber]] = {}
@@ -260,15 +263,36 @@ class EventBus:
 
     # -- publishing (any thread) ------------------------------------------------------------
     def publish(self, event: Event) -> None:
+        """Hand an event to the fan-out. From a job thread this costs an append and, once per burst,
+        a ``threading.Event.set``: the hop to the loop (a self-pipe write, after which the loop runs
+        and holds the GIL) is made by the bus's waker thread, not by the publisher, so a job's
+        progress report does not wait for the loop to finish its turn."""
         self._pending.append(event)
         if threading.get_ident() == self._loop_thread:
             self._drain()
         elif not self._drain_scheduled:
             self._drain_scheduled = True
+            if self._waker is None:
+                self._start_waker()
+            self._wake.set()
+
+    def _start_waker(self) -> None:
+        with self._waker_lock:
+            if self._waker is None:
+                self._waker = threading.Thread(target=self._run_waker, name="taskmon-bus-waker", daemon=True)
+                self._waker.start()
+
+    def _run_waker(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
             try:
                 self._loop.call_soon_threadsafe(self._drain)
             except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
-                logger.debug("event dropped after shutdown", extra={"task_id": event.task_id})
+                logger.debug("events dropped after shutdown", extra={"pending": len(self._pending)})
+                return
 
     def _drain(self) -> None:
         self._drain_scheduled = False
@@ -380,5 +404,6 @@ class EventBus:
     def close(self) -> None:
         """Shutdown: every open stream ends promptly; later subscribers start closed."""
         self._closed = True
+        self._wake.set()  # the waker thread sees _closed and ends
         for subscriber in list(self.subscribers()):
             subscriber.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import uuid
@@ -75,6 +76,8 @@ class FieldTooLarge(ValueError):
 
 def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     """True when objects/arrays nest more than ``limit`` levels (checked without recursion)."""
+    if isinstance(value, dict) and not any(isinstance(v, (dict, list, tuple)) for v in value.values()):
+        return False  # the usual progress_detail: one flat object
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -171,6 +174,17 @@ def _unencodable_field(task: Task) -> str:
         except (TypeError, ValueError, RecursionError):
             return name
     return "task"
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+
+
+def _replace(task: Task, fields: dict[str, Any], **more: Any) -> Task:
+    """``dataclasses.replace`` without its per-call introspection (it is on every change's path)."""
+    values = {name: getattr(task, name) for name in _FIELDS}
+    values.update(fields)
+    values.update(more)
+    return Task(**values)
 
 
 def _ts(moment: datetime) -> float:
@@ -313,9 +327,9 @@ class TaskManager:
             fields.pop("cancel")
             fields["cancel_requested"] = True
             fields["cancel_at"] = _ts(now)
-        task = replace(
+        task = _replace(
             current,
-            **fields,
+            fields,
             updated_at=now,
             version=current.version + 1,
             started_at=current.started_at or (now if target is TaskStatus.PROCESSING else None),
