@@ -15,6 +15,7 @@ import anyio
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -232,3 +233,20 @@ async def test_stream_preflight_answers_as_the_json_endpoints(settings: Settings
             assert not_allowed.status_code == 405
             assert not_allowed.json() == {"success": False, "error": "method not allowed"}
             assert "GET" in not_allowed.headers["allow"]
+
+
+async def test_a_fastapi_host_adds_live_progress_with_two_lines(settings: Settings) -> None:
+    """The README's FastAPI example, served by a real uvicorn: the stream follows a task under /progress."""
+    taskmon = create_app(settings)
+    app = FastAPI(lifespan=taskmon.lifespan)  # line 1: taskmon's lifespan runs with the host's
+    app.mount(PREFIX, taskmon, name="taskmon")  # line 2: taskmon under /progress
+
+    @app.get("/jobs/{task_id}")
+    async def job(task_id: str, request: Request) -> dict[str, str]:
+        return {"progress": str(request.url_for("taskmon:task_stream", task_id=task_id))}
+
+    async with serve(app, taskmon) as url, httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(5)) as http:
+        task_id = (await http.post(f"{PREFIX}/api/tasks", json={"task_type": "fastapi"})).json()["data"]["task_id"]
+        link = (await http.get(f"/jobs/{task_id}")).json()["progress"]
+        assert link == f"{url}{PREFIX}/tasks/{task_id}/stream"
+        assert await follow(http, link, task_id) == [("task", 1), ("task", 2), ("task", 3), ("end", "completed")]
