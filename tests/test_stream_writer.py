@@ -160,11 +160,11 @@ async def test_a_send_that_suspends_hands_over_to_the_stream_and_coalesces(app: 
     await until(lambda: seen.versions() == [1])
     manager(app).update_task(task_id, status="processing", progress=1)
     await until(lambda: len(started) == 3)  # the driven send is blocked on the gate
+    bus = manager(app).bus
     for progress in range(2, 6):
         manager(app).update_task(task_id, progress=progress)
-    for _ in range(20):  # several flushes pass: none may start a second send meanwhile
-        await asyncio.sleep(0)
-    assert len(started) == 3, "a delivery started while a send was blocked"
+        await until(lambda: not bus.ready)  # the flush ran and offered the stream its events ...
+    assert len(started) == 3, "a delivery started while a send was blocked"  # ... which it kept
     assert seen.versions() == [1]
     gate.set()
     await until(lambda: seen.versions()[-1:] == [6])
