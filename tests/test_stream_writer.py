@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import anyio
 import pytest
+import uvicorn
 
 from conftest import running
 from server.app import TaskmonApp, create_app
@@ -271,3 +273,52 @@ async def test_a_send_that_raises_ends_the_stream(
         assert records[0].exc_info is not None
     # the bus carries on for everyone else
     manager(app).update_task(task_id, progress=2)
+
+
+async def open_stream(app: TaskmonApp) -> tuple[Recorder, asyncio.Task[None]]:
+    seen = Recorder()
+
+    async def send(message: dict[str, Any]) -> None:
+        seen.record(message)
+
+    task_id = manager(app).create_task("demo").task_id
+    stream_task = Client(app, send, f"/tasks/{task_id}/stream").start()
+    await until(lambda: seen.versions() == [1])
+    return seen, stream_task
+
+
+async def test_the_lifespan_shutdown_ends_open_streams(settings: Settings) -> None:
+    """What a server that sends the lifespan shutdown before it drains gets: every stream ends."""
+    app = create_app(settings)
+    async with running(app):
+        seen, stream_task = await open_stream(app)
+        assert not stream_task.done()
+    with anyio.fail_after(5):
+        await stream_task
+    assert seen.closed
+
+
+async def test_request_shutdown_from_another_thread_ends_open_streams(app: TaskmonApp) -> None:
+    seen, stream_task = await open_stream(app)
+    await anyio.to_thread.run_sync(app.request_shutdown)
+    with anyio.fail_after(5):
+        await stream_task
+    assert seen.closed
+    assert manager(app).bus.open_streams == 0
+
+
+async def test_uvicorns_exit_flag_ends_open_streams(settings: Settings) -> None:
+    """uvicorn sets Server.should_exit on SIGTERM and only then waits for connections: the app finds
+    that Server from the SIGTERM handler (as sse-starlette does) and ends its streams itself."""
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app))
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)  # what uvicorn's capture_signals does
+    try:
+        async with running(app):
+            seen, stream_task = await open_stream(app)
+            server.should_exit = True  # what uvicorn's handle_exit does
+            with anyio.fail_after(2):
+                await stream_task
+            assert seen.closed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
