@@ -12,11 +12,14 @@ README, "Run it under your server / inside your app".
 Shutdown is the app's own business, whichever server runs it: open streams end as soon as the app
 learns that the server is exiting, so the server's wait for open connections is short. It learns it
 from the first of
-  * the ASGI lifespan ``shutdown`` message (hypercorn and granian send it before they drain),
   * uvicorn's exit flag, which uvicorn sets on SIGINT/SIGTERM but only acts on after it has waited
     for every connection; found as sse-starlette finds it (its issues #132/#151): the Server bound
     to the SIGTERM handler, and sse-starlette's own ``AppStatus.should_exit``, polled by one loop,
-  * ``app.request_shutdown()``, for code that stops a server from another thread.
+  * ``app.request_shutdown()``, for code that stops a server from another thread,
+  * the ASGI lifespan ``shutdown`` message, for a server that sends it before it drains.
+hypercorn (0.18) and granian (2.x) tell an app nothing before they drain (their lifespan shutdown
+comes after), so there the server's own timeout ends the streams: ``--graceful-timeout`` (hypercorn,
+default 3 s) and ``--workers-kill-timeout`` (granian, default: never). README has the table.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 EXIT_POLL_S = 0.25  # how often the server-exit loop looks at uvicorn's flag (sse-starlette: 0.5 s)
-_NOT_STARTED = b'{"success":false,"error":"taskmon is not started: run its lifespan (see README, Run it inside your app)"}'
+_NOT_STARTED = b'{"success":false,"error":"taskmon is not started: run its lifespan (README: Run it inside your app)"}'
+_STOPPED = b'{"success":false,"error":"taskmon is shutting down"}'
 
 
 class TaskmonApp(Starlette):
@@ -73,14 +77,15 @@ class TaskmonApp(Starlette):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stream_routes = [route for route in self.routes if route.name in ("task_stream", "all_tasks_stream")]
-        self._started = False
+        self._started = False  # the lifespan is running
+        self._stopped = False  # the lifespan has ended
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if not self._started:
-                await _answer_not_started(send)
+                await _answer_503(send, _STOPPED if self._stopped else _NOT_STARTED)
                 return
             if scope["method"] in ("GET", "HEAD"):
                 for route in self._stream_routes:
@@ -124,15 +129,15 @@ class TaskmonApp(Starlette):
             manager.bus.close()
 
 
-async def _answer_not_started(send: Send) -> None:
+async def _answer_503(send: Send, body: bytes) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": 503,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_NOT_STARTED)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
         }
     )
-    await send({"type": "http.response.body", "body": _NOT_STARTED})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _CORSMiddleware(CORSMiddleware):
@@ -228,7 +233,8 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
         yield
     finally:
         app._started = False
-        bus.close()  # the lifespan shutdown: hypercorn and granian send it before they drain
+        app._stopped = True
+        bus.close()  # the lifespan shutdown (what a server that sends it before draining relies on)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
