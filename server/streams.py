@@ -18,7 +18,9 @@ Server assumptions, written down (DO NOT "simplify" them away without reading th
    driven synchronously is decided once per connection, from what ``send`` returned for the
    response start: a real coroutine (uvicorn, hypercorn) is driven by hand from the bus's flush;
    anything else (granian's awaitable, a test double) makes the stream await every send from its
-   own coroutine, as any ASGI app does.
+   own coroutine, as any ASGI app does. A driven send runs in a loop callback, outside any Task:
+   it must not need ``asyncio.current_task()`` (a timeout or a cancel scope inside ``send``);
+   uvicorn's and hypercorn's do not.
 2. A driven send that suspends yields the future it waits on. We never await that future (asyncio
    marks it "blocking" for the Task that receives it, a private protocol): the stream's coroutine
    waits for it with ``asyncio.wait`` (a done callback) and then resumes the send. Only public
