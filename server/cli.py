@@ -4,7 +4,6 @@ path as programmatic use."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -29,29 +27,19 @@ logger = logging.getLogger(__name__)
 
 
 class Server(uvicorn.Server):
-    """uvicorn's Server, which also ends every open stream the moment an exit is requested.
+    """uvicorn's Server plus a thread-safe ``request_stop`` (the tests run it in a thread).
 
-    uvicorn waits for open responses before it runs the lifespan shutdown, so streams must be told
-    to finish from the exit signal itself, or Ctrl+C would wait on them."""
+    Ending the streams on exit is the app's business (server/app.py): it notices uvicorn's exit
+    flag as it would under ``uvicorn --factory``."""
 
     def __init__(self, config: uvicorn.Config, app: TaskmonApp) -> None:
         super().__init__(config)
         self.taskmon_app = app
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: Any = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        super().handle_exit(sig, frame)
-        self.request_stop()
 
     def request_stop(self) -> None:
         """Thread-safe: stop accepting, end the streams, shut down."""
-        self.should_exit = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.taskmon_app.shutdown_streams)
+        self.should_exit = True  # uvicorn's main loop polls it
+        self.taskmon_app.request_shutdown()
 
 
 def uvicorn_config(app: TaskmonApp, settings: Settings) -> uvicorn.Config:

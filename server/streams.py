@@ -1,27 +1,46 @@
 """The SSE endpoints: ``/tasks/{task_id}/stream`` and ``/tasks/stream``.
 
-These are plain ASGI handlers, dispatched by ``TaskmonApp`` ahead of the middleware stack. The
-performance issue measured why: sse-starlette's EventSourceResponse costs a task group of three or
-four tasks per connection (~30-42 KB) and a cancel scope per send, Starlette's middleware adds a
-wrapper per send, and a per-stream ping task is a timer per connection. Here a stream is one
-coroutine plus one small task that waits for the client to go away; frames are encoded once per
-event by the publisher (sse-starlette's ServerSentEvent does the framing); one heartbeat loop pings
-quiet streams; and the bus's flush writes each stream's pending frames as one chunk without waking
-its coroutine (``_Stream``). Profiled and measured with ``bench/``: README, "Performance". The
-behaviour is sse-starlette's (disconnect, ping, shutdown) and PROTOCOL.md's.
+These are plain ASGI handlers. They are real Starlette routes (``stream_routes()``: named, matched
+with ``root_path`` and mounts like every route), but ``TaskmonApp`` dispatches their GET/HEAD ahead
+of the middleware stack. The performance issue measured why: sse-starlette's EventSourceResponse
+costs a task group of three or four tasks per connection (~30-42 KB) and a cancel scope per send,
+Starlette's middleware adds a wrapper per send, and a per-stream ping task is a timer per
+connection. Here a stream is one coroutine plus one small task that waits for the client to go
+away; frames are encoded once per event by the publisher (sse-starlette's ServerSentEvent does the
+framing); one heartbeat loop pings quiet streams; and the bus's flush writes each stream's pending
+frames as one chunk without waking its coroutine (``_Stream``). Profiled and measured with
+``bench/``: README, "Performance". The behaviour is sse-starlette's (disconnect, ping, shutdown)
+and PROTOCOL.md's; shutdown belongs to the app (``server/app.py``).
+
+Server assumptions, written down (DO NOT "simplify" them away without reading this):
+
+1. Direct writes are an optimisation, never a requirement. Whether the server's ``send`` can be
+   driven synchronously is decided once per connection, from what ``send`` returned for the
+   response start: a real coroutine (uvicorn, hypercorn) is driven by hand from the bus's flush;
+   anything else (granian's awaitable, a test double) makes the stream await every send from its
+   own coroutine, as any ASGI app does. A driven send runs in a loop callback, outside any Task:
+   it must not need ``asyncio.current_task()`` (a timeout or a cancel scope inside ``send``);
+   uvicorn's and hypercorn's do not.
+2. A driven send that suspends yields the future it waits on. We never await that future (asyncio
+   marks it "blocking" for the Task that receives it, a private protocol): the stream's coroutine
+   waits for it with ``asyncio.wait`` (a done callback) and then resumes the send. Only public
+   coroutine and Future methods are used (``send``, ``close``, ``add_done_callback``).
+3. Only GET and HEAD skip the middleware stack: OPTIONS (CORS preflight) and every other method go
+   through it, so a stream answers a preflight exactly as the JSON endpoints do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from sse_starlette import ServerSentEvent
 from starlette.datastructures import Headers
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .auth import check_read
@@ -33,11 +52,10 @@ from .query import TaskQuery
 if TYPE_CHECKING:
     from .app import TaskmonApp
 
-__all__ = ["STREAM_PATH", "serve_stream"]
+__all__ = ["serve_stream", "stream_routes"]
 
 logger = logging.getLogger(__name__)
 
-STREAM_PATH = re.compile(r"^/tasks/(?:([^/]+)/)?stream/?$")
 PING = ServerSentEvent(comment="ping", sep="\n").encode()
 MAX_FOLLOW = 100
 
@@ -99,11 +117,37 @@ async def serve_stream(app: TaskmonApp, scope: Scope, receive: Receive, send: Se
     watcher = asyncio.create_task(_watch_disconnect(receive, stream.subscriber))
     try:
         await stream.run()
+    except OSError as exc:  # ASGI 2.4: a send after the client went away may raise OSError
+        logger.debug("stream client went away", extra={"task_id": task_id, "error": type(exc).__name__})
     except Exception:
         logger.exception("stream failed", extra={"task_id": task_id})
     finally:
         watcher.cancel()
         stream.close()
+
+
+class _StreamEndpoint:
+    """The ASGI endpoint of a stream route, for a request that reached the router.
+
+    ``TaskmonApp`` serves GET/HEAD before the middleware stack; this serves them when the router is
+    reached some other way (the route is the same object either way)."""
+
+    __slots__ = ("all_tasks",)
+
+    def __init__(self, all_tasks: bool) -> None:
+        self.all_tasks = all_tasks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task_id = None if self.all_tasks else scope["path_params"]["task_id"]
+        await serve_stream(scope["app"], scope, receive, send, task_id)
+
+
+def stream_routes() -> list[Route]:
+    """The two stream routes; their names work with ``request.url_for`` (root path and mount aware)."""
+    return [
+        Route("/tasks/stream", _StreamEndpoint(all_tasks=True), methods=["GET"], name="all_tasks_stream"),
+        Route("/tasks/{task_id}/stream", _StreamEndpoint(all_tasks=False), methods=["GET"], name="task_stream"),
+    ]
 
 
 async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) -> _Stream | None:
@@ -167,7 +211,9 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
             subscription = await manager.open_all_subscription(query, follow)
 
         started = True
-        await send({"type": "http.response.start", "status": 200, "headers": [*_BASE_HEADERS, *extra_headers]})
+        starting = send({"type": "http.response.start", "status": 200, "headers": [*_BASE_HEADERS, *extra_headers]})
+        drive = type(starting) is CoroutineType  # decided once per connection: see the module docstring, 1.
+        await starting
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             return None
@@ -191,10 +237,10 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
                 await send({"type": "http.response.body", "body": opening, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
                 return None
-            stream = _TaskStream(send, subscription, bus)
+            stream = _TaskStream(send, subscription, bus, drive)
         else:
             opening += subscription.snapshot_frame()
-            stream = _AllTasksStream(send, subscription, bus)
+            stream = _AllTasksStream(send, subscription, bus, drive)
         await send({"type": "http.response.body", "body": opening, "more_body": True})
         subscription = None  # the stream owns it now
         return stream
@@ -212,21 +258,27 @@ class _Stream:
     """One open stream after its opening chunk: writes what its subscriber gathers.
 
     The bus calls ``deliver`` once per burst of events. It renders everything pending into one
-    chunk and writes it through the server's ``send`` driven synchronously: with uvicorn that
-    completes at once unless the socket's buffer is full, so a delivery costs no task switch and
-    no await chain. When ``send`` does block (a slow reader), the half-done send is handed to the
-    stream's own coroutine, which finishes it and picks up what gathered meanwhile (coalesced).
-    With a server whose ``send`` always suspends, every delivery simply takes that path."""
+    chunk and writes it. When the server's ``send`` is drivable (module docstring, 1.) the write is
+    driven synchronously: with uvicorn that completes at once unless the socket's buffer is full,
+    so a delivery costs no task switch and no await chain. When ``send`` does block (a slow reader)
+    the half-done send is handed to the stream's own coroutine, which finishes it and picks up what
+    gathered meanwhile (coalesced). When ``send`` is not drivable, every delivery hands the chunk's
+    ``send(...)`` to the coroutine to await. A send that raises ends the stream."""
 
-    __slots__ = ("_send", "subscription", "subscriber", "_bus", "_inflight", "finished")
+    __slots__ = ("_send", "subscription", "subscriber", "_bus", "_drive", "_inflight", "_later", "_failure", "finished")
 
-    def __init__(self, send: Send, subscription: TaskSubscription | AllTasksSubscription, bus: EventBus) -> None:
+    def __init__(
+        self, send: Send, subscription: TaskSubscription | AllTasksSubscription, bus: EventBus, drive: bool
+    ) -> None:
         self._send = send
         self.subscription = subscription
         self.subscriber = subscription.subscriber
         self._bus = bus
-        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
-        self.finished = False  # the stream's last frame has been written
+        self._drive = drive  # send(...) returns a coroutine we may drive by hand
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None  # a driven send that blocked
+        self._later: Awaitable[None] | None = None  # a send for the coroutine to await
+        self._failure: Exception | None = None  # what a send raised during delivery
+        self.finished = False  # the stream's last frame has been written (or handed over)
 
     def render(self, events: list[Event]) -> bytes:
         """Pending events -> this client's frames (b"" when none is for it)."""
@@ -236,8 +288,8 @@ class _Stream:
         self.subscription.close()
 
     def deliver(self) -> None:
-        if self._inflight is not None or self.finished:
-            return  # the coroutine is finishing a blocked send; it will pick this up
+        if self._inflight is not None or self._later is not None or self._failure is not None or self.finished:
+            return  # the coroutine is finishing a send; it calls deliver() again after it
         subscriber = self.subscriber
         if subscriber.overflowed:  # too far behind to coalesce: end it; the client resyncs on reconnect
             self.finished = True
@@ -249,52 +301,75 @@ class _Stream:
             if not ping:
                 return
             chunk = PING
-        send = self._send({"type": "http.response.body", "body": chunk, "more_body": True})
         try:
-            blocked_on = send.send(None)
-        except StopIteration:
-            if self.finished:
-                subscriber.wake()  # the coroutine closes the response
+            sending = self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not self._drive or type(sending) is not CoroutineType:
+                self._drive = False  # from now on every send is awaited by the coroutine
+                self._later = sending
+                subscriber.wake()
+                return
+            try:
+                blocked_on = sending.send(None)
+            except StopIteration:
+                if self.finished:
+                    subscriber.wake()  # the coroutine closes the response
+                return
+        except Exception as exc:
+            self._failure = exc
+            subscriber.wake()
             return
-        self._inflight = (send, blocked_on)
+        self._inflight = (sending, blocked_on)
         subscriber.wake()
 
     async def run(self) -> None:
-        """The stream's coroutine: direct delivery from the bus, blocked sends, then the close."""
+        """The stream's coroutine: direct delivery from the bus, blocked or awaited sends, then the close."""
         subscriber = self.subscriber
         subscriber.on_ready = self.deliver
         try:
             self.deliver()  # whatever arrived while the opening chunk was written
             while True:
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise failure
                 if self._inflight is not None:
                     await self._finish_inflight()
-                    self.deliver()
-                    continue
-                if self.finished or subscriber.closed:
+                elif self._later is not None:
+                    try:
+                        await self._later
+                    finally:
+                        self._later = None
+                elif self.finished or subscriber.closed:
                     break
-                await subscriber.wait_wake()
+                else:
+                    await subscriber.wait_wake()
+                    continue
+                self.deliver()
         finally:
             subscriber.on_ready = None
+            inflight, self._inflight = self._inflight, None
+            if inflight is not None:
+                inflight[0].close()  # handed over by a delivery the coroutine never got to (cancelled)
+            later, self._later = self._later, None
+            if isinstance(later, CoroutineType):
+                later.close()  # never awaited: cancelled or failed before its turn
         await self._send({"type": "http.response.body", "body": b""})
 
     async def _finish_inflight(self) -> None:
         assert self._inflight is not None
-        send, blocked_on = self._inflight
+        sending, blocked_on = self._inflight
         try:
             while True:
                 if blocked_on is None:
                     await asyncio.sleep(0)  # a bare yield: give the loop one turn
                 else:
-                    # We are the driver that received this yielded future, so we clear its flag as
-                    # asyncio's Task.__step does before waiting on it.
-                    blocked_on._asyncio_future_blocking = False
-                    await blocked_on
+                    # Wait for the future the send yielded without awaiting it ourselves (docstring, 2.).
+                    await asyncio.wait((blocked_on,))
                 try:
-                    blocked_on = send.send(None)
+                    blocked_on = sending.send(None)
                 except StopIteration:
                     return
         except BaseException:
-            send.close()
+            sending.close()
             raise
         finally:
             self._inflight = None

@@ -22,7 +22,7 @@ Every method without an ``a`` prefix may be called from any thread and may block
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
