@@ -229,16 +229,17 @@ async def test_after_a_server_restart_every_tab_reads_again_and_follows_the_new_
 ) -> None:
     durable = settings.with_changes(store_url=f"sqlite:///{tmp_path / 'tasks.db'}", retry_ms=200)
     async with proxied(durable) as srv:
-        async with httpx.AsyncClient(base_url=srv.url) as http:
-            task_id = (await Producer(http).create("long_job"))["task_id"]
-            await Producer(http).patch(task_id, status="processing", progress=20, message="Halfway")
+        # a job of the server's own pool (a producer's task would rightly survive the restart)
+        manager = srv.app.state.manager
+        task_id = manager.create_task("long_job", owned=True).task_id
+        manager.update_task(task_id, status="processing", progress=20, message="Halfway")
         watches: list[PageWatch] = []
         tabs = [await open_tab(context, f"{srv.page_url}#/", watches) for _ in range(2)]
         tabs.append(await open_tab(context, f"{srv.page_url}#/task/{task_id}", watches))
         await srv.stop()
         for page in tabs:
             await expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=LIVE)
-        # The restarted server marks the task it found processing failed ("interrupted") before any
+        # The restarted server marks its dead pool's task failed ("interrupted") before any
         # stream is back: no event tells the tabs, only their re-read after the new snapshot does.
         await srv.start()
         for page in tabs:
