@@ -31,6 +31,7 @@ from .graph import build_graph_service, graph_routes
 from .jobs import JobRunner
 from .manager import TaskManager
 from .metrics import build_registry
+from .security import SecurityMiddleware, host_refusal
 from .settings import Settings
 from .stores import open_store
 from .streams import STREAM_PATH, serve_stream
@@ -47,6 +48,10 @@ class TaskmonApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            refusal = host_refusal(self.state.settings, scope)  # streams too: DNS rebinding
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
             match = STREAM_PATH.match(scope["path"])
             if match is not None:
                 scope["app"] = self
@@ -123,7 +128,7 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> TaskmonApp:
     settings = settings or Settings.from_env()
-    middleware = []
+    middleware = [Middleware(SecurityMiddleware, cors_origins=settings.cors_origins)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
