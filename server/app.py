@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from . import api
+from .auth import auth_routes
 from .bus import EventBus
 from .errors import error_response, exception_handlers
 from .graph import build_graph_service, graph_routes
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None) -> TaskmonApp:
     routes = [
         Route("/", _index, methods=["GET"]),
         *api.routes(),
+        *auth_routes(),
         *graph_routes(),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]

@@ -10,6 +10,7 @@ import os
 import resource
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -117,8 +118,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(text: object) -> str:
+    """Text safe for a terminal: control and format characters (ESC, CSI, BEL, bidi overrides,
+    newlines...) become ``\\u00XX`` escapes; everything else stays as it is."""
+    return "".join(
+        f"\\u{ord(ch):04x}" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in str(text)
+    )
+
+
 def _bar(task: dict[str, Any]) -> str:
-    return f"{task['status']:<10} {task['message'][:60]}"
+    """The bar's description, printed as plain text (the column has markup off, see ``_watch``)."""
+    return _plain(f"{task['status']:<10} {str(task['message'])[:60]}")
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -133,7 +143,7 @@ def _watch(args: argparse.Namespace) -> int:
     failures = 0
     with (
         httpx.Client(headers=headers, timeout=httpx.Timeout(10, read=None)) as client,
-        Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                  TimeElapsedColumn(), transient=False) as progress,
     ):
         bar = progress.add_task("connecting", total=100)
@@ -148,7 +158,7 @@ def _watch(args: argparse.Namespace) -> int:
                         break
                     if response.status_code != 200:
                         response.read()
-                        print(f"taskmon watch: {response.status_code}: {_error_text(response)}", file=sys.stderr)
+                        print(f"taskmon watch: {response.status_code}: {_plain(_error_text(response))}", file=sys.stderr)
                         return 2
                     failures = 0
                     for event in source.iter_sse():
@@ -168,9 +178,9 @@ def _watch(args: argparse.Namespace) -> int:
                 progress.update(bar, description=f"reconnecting ({failures}/{args.retries})")
                 time.sleep(min(5.0, 0.5 * 2**failures))
     if final["status"] == "failed":
-        print(f"failed: {final.get('error') or final.get('message')}", file=sys.stderr)
+        print(f"failed: {_plain(final.get('error') or final.get('message'))}", file=sys.stderr)
         return 1
-    print(json.dumps(final.get("result"), ensure_ascii=False))
+    print(_plain(json.dumps(final.get("result"), ensure_ascii=False)))  # still valid JSON
     return 0
 
 
