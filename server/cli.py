@@ -20,6 +20,7 @@ import uvicorn
 from httpx_sse import connect_sse
 
 from .app import TaskmonApp, create_app
+from .connections import limited_protocol
 from .logs import configure_logging
 from .settings import Settings, SettingsError
 
@@ -60,7 +61,14 @@ def uvicorn_config(app: TaskmonApp, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="auto",  # uvloop when installed
-        http="auto",  # httptools when installed
+        # httptools when installed (else h11), plus header size/time limits and a connection cap
+        # that uvicorn lacks (server/connections.py); README, "Limits and browser protection".
+        http=limited_protocol(settings),
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # h11's own header bound
+        timeout_keep_alive=max(1, round(settings.keepalive_s)),  # idle after a response
+        # uvicorn answers 503 to requests beyond this many connections or running requests; ours
+        # (connections.py) refuses earlier, at accept; this is the backstop for running tasks.
+        limit_concurrency=settings.max_connections + 64,
         lifespan="on",
         log_config=None,  # configure_logging() did it once
         access_log=settings.access_log,

@@ -41,6 +41,7 @@ _ENV: dict[str, tuple[str, str]] = {
     "TASKMON_TASK_TOKEN_TTL_S": ("task_token_ttl_s", "int"),
     "TASKMON_MAX_HEADER_BYTES": ("max_header_bytes", "int"),
     "TASKMON_KEEPALIVE_S": ("keepalive_s", "float"),
+    "TASKMON_HEADER_TIMEOUT_S": ("header_timeout_s", "float"),
     "TASKMON_MAX_CONNECTIONS": ("max_connections", "int"),
     "ZEP_API_KEY": ("zep_api_key", "secret"),
     "ZEP_BASE_URL": ("zep_base_url", "secret"),
@@ -83,6 +84,7 @@ class Settings:
     task_token_ttl_s: int = 3600
     max_header_bytes: int = 64 * 1024
     keepalive_s: float = 5.0
+    header_timeout_s: float = 10.0
     max_connections: int = 20_000
     # Subscriber buffer: frames kept per stream before coalescing to the newest snapshot per task.
     queue_size: int = 64
@@ -116,6 +118,10 @@ class Settings:
             (self.task_token_ttl_s >= 1, "TASKMON_TASK_TOKEN_TTL_S must be >= 1"),
             (self.max_header_bytes >= 1024, "TASKMON_MAX_HEADER_BYTES must be >= 1024"),
             (_finite(self.keepalive_s) and self.keepalive_s > 0, "TASKMON_KEEPALIVE_S must be a finite number > 0"),
+            (
+                _finite(self.header_timeout_s) and self.header_timeout_s > 0,
+                "TASKMON_HEADER_TIMEOUT_S must be a finite number > 0",
+            ),
             (self.max_connections >= 1, "TASKMON_MAX_CONNECTIONS must be >= 1"),
             (self.queue_size >= 2, "queue_size must be >= 2"),
             (self.log_level in _LOG_LEVELS, f"TASKMON_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}"),
