@@ -32,6 +32,7 @@ from .graph import build_graph_service, graph_routes
 from .jobs import JobRunner
 from .manager import TaskManager
 from .metrics import build_registry
+from .openapi import openapi_json
 from .security import SecurityMiddleware, host_refusal
 from .settings import Settings
 from .stores import open_store
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> TaskmonApp:
         Route("/", _index, methods=["GET"]),
         *api.routes(),
         *auth_routes(),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         *graph_routes(),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]

@@ -21,7 +21,7 @@ installed, else h11) that adds, per connection:
   first evicts the oldest connection still waiting for its headers (so an idle-socket flood
   cannot lock out ``/healthz``), and is refused with a 503 only when every connection is busy.
 
-Refusals are the JSON envelope with ``Connection: close``.
+Refusals, and uvicorn's answer to malformed HTTP, are the JSON envelope with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = ["limited_protocol"]
 
 logger = logging.getLogger(__name__)
 
-_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -123,6 +123,10 @@ def limited_protocol(settings: Settings) -> type[asyncio.Protocol]:
             self._header_bytes += len(data)
             if self._header_bytes > max_header:
                 self._refuse(431, f"request headers are larger than {max_header} bytes")
+
+        def send_400_response(self, msg: str) -> None:
+            """Malformed HTTP: the JSON envelope too, not uvicorn's plain text."""
+            self._refuse(400, f"malformed HTTP request ({msg.rstrip('.')})", quiet=True)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

@@ -109,6 +109,17 @@ async def test_huge_headers_are_431_and_cost_no_memory(tmp_path):
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["success"] is False
 
+        # Malformed HTTP: the JSON envelope too.
+        reader, writer = await _open(srv.port)
+        writer.write(b"GET /\x00 HTTP/9\r\n\r\n")
+        await writer.drain()
+        with anyio.fail_after(10):
+            answer = await _read_all(reader)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b"content-type: application/json" in answer.lower()
+        assert "malformed" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
         # Five clients each trying to send a 50 MiB unterminated header: cut off early.
         before = srv.rss_kb()
         chunk = b"a" * 65536
