@@ -17,7 +17,8 @@ installed, else h11) that adds, per connection:
   response, until the next request's headers are complete: idle and half-sent connections are
   closed (408 when something was sent), however slowly the bytes trickle in;
 - a header size limit (TASKMON_MAX_HEADER_BYTES): 431 and close;
-- a cap on open connections per process (TASKMON_MAX_CONNECTIONS): a new connection beyond it
+- a cap on open connections per process (TASKMON_MAX_CONNECTIONS, and never within 128 of the
+  open-file limit): a new connection beyond it
   first evicts the oldest connection still waiting for its headers (so an idle-socket flood
   cannot lock out ``/healthz``), and is refused with a 503 only when every connection is busy.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 from collections import OrderedDict
 from typing import Any
 
@@ -40,6 +42,7 @@ __all__ = ["limited_protocol"]
 
 logger = logging.getLogger(__name__)
 
+_SPARE_FDS = 128  # store, logs, job threads' files, the listening socket...
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
@@ -56,7 +59,12 @@ def limited_protocol(settings: Settings) -> type[asyncio.Protocol]:
     base: Any = AutoHTTPProtocol
     max_header = settings.max_header_bytes
     header_timeout = settings.header_timeout_s
+    # Never more than the descriptors allow (taskmon serve raises the soft limit before this is
+    # built): past the fd limit accept() fails and nobody, /healthz included, gets an answer.
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     max_connections = settings.max_connections
+    if soft != resource.RLIM_INFINITY:
+        max_connections = max(1, min(max_connections, soft - _SPARE_FDS))
     # Connections waiting for request headers, oldest first (shared by this server's connections).
     waiting: OrderedDict[int, Any] = OrderedDict()
 

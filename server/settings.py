@@ -85,7 +85,7 @@ class Settings:
     max_header_bytes: int = 64 * 1024
     keepalive_s: float = 5.0
     header_timeout_s: float = 10.0
-    max_connections: int = 20_000
+    max_connections: int = 50_000
     # Subscriber buffer: frames kept per stream before coalescing to the newest snapshot per task.
     queue_size: int = 64
 
