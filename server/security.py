@@ -144,34 +144,33 @@ class SecurityMiddleware:
             await refusal(scope, receive, send)
             return
 
-        rewrite: dict[str, object] = {}
+        held: Message | None = None  # a non-JSON error's start message, until its body is in
+        body = b""
 
         async def send_wrapper(message: Message) -> None:
+            nonlocal held, body
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 for name, value in _SECURITY_HEADERS:
                     headers[name.decode()] = value.decode()
-                status = message["status"]
-                if status >= 400 and not _is_json(_media_type(headers.get("content-type", ""))):
-                    rewrite["start"] = message  # hold it: the body becomes the envelope
-                    rewrite["body"] = b""
+                if message["status"] >= 400 and not _is_json(_media_type(headers.get("content-type", ""))):
+                    held = message
                     return
                 await send(message)
                 return
-            if message["type"] == "http.response.body" and "start" in rewrite:
-                rewrite["body"] = (bytes(rewrite["body"]) + message.get("body", b""))[:1024]  # type: ignore[arg-type]
-                if message.get("more_body", False):
-                    return
-                start = rewrite.pop("start")
-                assert isinstance(start, dict)
-                text = bytes(rewrite["body"]).decode("utf-8", "replace").strip()[:200] or "request refused"  # type: ignore[arg-type]
-                payload = json.dumps({"success": False, "error": text}, ensure_ascii=False).encode()
-                headers = MutableHeaders(scope=start)
-                headers["content-type"] = "application/json"
-                headers["content-length"] = str(len(payload))
-                await send(start)
-                await send({"type": "http.response.body", "body": payload})
+            if held is None or message["type"] != "http.response.body":
+                await send(message)
                 return
-            await send(message)
+            body = (body + message.get("body", b""))[:1024]  # plain-text errors are short
+            if message.get("more_body", False):
+                return
+            text = body.decode("utf-8", "replace").strip()[:200] or "request refused"
+            payload = json.dumps({"success": False, "error": text}, ensure_ascii=False).encode()
+            headers = MutableHeaders(scope=held)
+            headers["content-type"] = "application/json"
+            headers["content-length"] = str(len(payload))
+            start, held = held, None
+            await send(start)
+            await send({"type": "http.response.body", "body": payload})
 
         await self.app(scope, receive, send_wrapper)

@@ -53,13 +53,19 @@ class Served:
 
 
 @asynccontextmanager
-async def taskmon_serve(tmp_path: Path, **env: str) -> AsyncIterator[Served]:
+async def taskmon_serve(tmp_path: Path, *args: str, stderr: Path | None = None, **env: str) -> AsyncIterator[Served]:
+    """A real ``taskmon serve`` process (this worktree's code) on a free loopback port."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMON_", "ZEP_"))}
     environ.update({"PYTHONPATH": str(ROOT), **env})
     cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--store", "memory://", "--data-dir", str(tmp_path / "data")]
-    process = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--store", "memory://", "--data-dir", str(tmp_path / "data"), *args]
+    err = stderr.open("wb") if stderr is not None else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=err)
+    finally:
+        if stderr is not None:
+            err.close()  # type: ignore[union-attr]
     served = Served(process, port)
     try:
         with anyio.fail_after(20):

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from conftest import running
 from test_cli import ROOT, _env, _watch_cmd
+from test_limits import taskmon_serve
 
 from server.app import create_app
 from server.auth import mint_task_token, verify_task_token
@@ -170,7 +171,22 @@ def test_task_tokens_expire_and_depend_on_the_secret() -> None:
     assert not verify_task_token(settings, forged, task_id, now=lambda: 1_000.0)
 
 
-def test_access_log_never_shows_query_tokens() -> None:
+async def test_taskmon_serve_access_log_never_shows_query_tokens(tmp_path):
+    log = tmp_path / "stderr.log"
+    async with taskmon_serve(tmp_path, "--access-log", stderr=log, TASKMON_READ_TOKEN="r3ad-s3cret") as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            response = await http.get("/api/graph/tasks", params={"access_token": "r3ad-s3cret", "status": "failed"})
+            assert response.status_code == 200
+            await http.get("/api/graph/tasks", params={"token": "other-s3cret"})
+        with anyio.fail_after(10):
+            while log.read_text().count("/api/graph/tasks?") < 2:
+                await anyio.sleep(0.05)
+    text = log.read_text()
+    assert "s3cret" not in text, text
+    assert "access_token=[redacted]" in text and "status=failed" in text and "token=[redacted]" in text
+
+
+def test_access_log_filter_is_configured() -> None:
     # The filter configure_logging() puts on uvicorn's access logger, on a record as uvicorn makes it.
     root = logging.getLogger()
     saved = root.handlers[:], root.level
@@ -196,6 +212,17 @@ def test_access_log_never_shows_query_tokens() -> None:
         access.filters.clear()
         for name in ("server", "uvicorn", "uvicorn.error", "uvicorn.access"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_new_settings_are_read_and_checked() -> None:
+    from server.settings import SettingsError
+
+    settings = Settings.from_env({"TASKMON_ALLOWED_HOSTS": "Tasks.Example.org, *", "TASKMON_MAX_PROJECT_CHARS": "10"})
+    assert settings.allowed_hosts == ("tasks.example.org", "*") and settings.max_project_chars == 10
+    for var, value in [("TASKMON_MAX_HEADER_BYTES", "10"), ("TASKMON_HEADER_TIMEOUT_S", "inf"),
+                       ("TASKMON_MAX_CONNECTIONS", "0"), ("TASKMON_PDF_TIME_BUDGET_S", "0"), ("TASKMON_TASK_TOKEN_TTL_S", "0")]:
+        with pytest.raises(SettingsError, match=var):
+            Settings.from_env({var: value})
 
 
 # ------------------------------------------------------------------ row 10: disconnect mid-body
