@@ -64,7 +64,8 @@ def uvicorn_config(app: TaskmonApp, settings: Settings) -> uvicorn.Config:
         # httptools when installed (else h11), plus header size/time limits and a connection cap
         # that uvicorn lacks (server/connections.py); README, "Limits and browser protection".
         http=limited_protocol(settings),
-        h11_max_incomplete_event_size=settings.max_header_bytes,  # h11's own header bound
+        # h11's own header bound, a read chunk above ours so that ours answers first (431)
+        h11_max_incomplete_event_size=settings.max_header_bytes + 256 * 1024,
         timeout_keep_alive=max(1, round(settings.keepalive_s)),  # idle after a response
         # uvicorn answers 503 to requests beyond this many connections or running requests; ours
         # (connections.py) refuses earlier, at accept; this is the backstop for running tasks.

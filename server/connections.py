@@ -55,8 +55,8 @@ def _refusal(status: int, message: str) -> bytes:
     return head + body
 
 
-def limited_protocol(settings: Settings) -> type[asyncio.Protocol]:
-    base: Any = AutoHTTPProtocol
+def limited_protocol(settings: Settings, base: Any = AutoHTTPProtocol) -> type[asyncio.Protocol]:
+    """``base``: uvicorn's HttpToolsProtocol or H11Protocol (default: what ``http="auto"`` picks)."""
     max_header = settings.max_header_bytes
     header_timeout = settings.header_timeout_s
     # Never more than the descriptors allow (taskmon serve raises the soft limit before this is
@@ -138,7 +138,7 @@ def limited_protocol(settings: Settings) -> type[asyncio.Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and not self.pipeline:
+            if not self.transport.is_closing() and not getattr(self, "pipeline", None):  # h11 has none
                 self._await_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:

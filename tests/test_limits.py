@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -19,6 +20,12 @@ import pytest
 from conftest import free_port
 from graph_helpers import make_pdf
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.app import create_app
+from server.cli import Server, uvicorn_config
+from server.connections import limited_protocol
 from server.graph.backends import LocalBackend
 from server.graph.text import TextBudget, TextTooLarge, extract_pdf, split_text
 
@@ -213,6 +220,46 @@ async def test_beyond_the_connection_cap_busy_connections_get_a_clear_503(tmp_pa
                     if await srv.healthz() == 200:
                         break
                 await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
+async def test_connection_limits_hold_with_either_http_implementation(settings, base):
+    settings = settings.with_changes(port=free_port(), max_header_bytes=4096, header_timeout_s=0.5, max_connections=10)
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
+    config.http = limited_protocol(settings, base)
+    server = Server(config, app)
+    thread = threading.Thread(target=server.run, name="uvicorn-" + base.__name__, daemon=True)
+    thread.start()
+    port = settings.port
+
+    async def answer(request: bytes) -> bytes:
+        reader, writer = await _open(port)
+        writer.write(request)
+        await writer.drain()
+        with anyio.fail_after(10):
+            data = await _read_all(reader)
+        writer.close()
+        return data
+
+    try:
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:  # keep-alive still works
+            assert [(await http.get("/healthz")).status_code for _ in range(3)] == [200, 200, 200]
+        assert (await answer(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8000)).startswith(b"HTTP/1.1 431 ")
+        assert (await answer(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Sl")).startswith(b"HTTP/1.1 408 ")
+        assert (await answer(b"\x16\x03\x01 not http\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        idle = [await _open(port) for _ in range(15)]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/healthz")).status_code == 200
+        for _, writer in idle:
+            writer.close()
+    finally:
+        server.request_stop()
+        await anyio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()
 
 
 # ------------------------------------------------------------------ row 4: expanding PDFs
