@@ -48,12 +48,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from . import api
+from .auth import auth_routes
 from .bus import EventBus
 from .errors import error_response, exception_handlers
 from .graph import build_graph_service, graph_routes
 from .jobs import JobRunner
 from .manager import TaskManager
 from .metrics import build_registry
+from .openapi import openapi_json
+from .security import SecurityMiddleware, host_refusal
 from .settings import Settings
 from .stores import open_store
 from .streams import serve_stream, stream_routes
@@ -84,6 +87,10 @@ class TaskmonApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            refusal = host_refusal(self.state.settings, scope)  # streams too: DNS rebinding
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
             if not self._started:
                 await _answer_503(send, _STOPPED if self._stopped else _NOT_STARTED)
                 return
@@ -267,7 +274,7 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> TaskmonApp:
     settings = settings or Settings.from_env()
-    middleware = []
+    middleware = [Middleware(SecurityMiddleware, cors_origins=settings.cors_origins)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -281,6 +288,8 @@ def create_app(settings: Settings | None = None) -> TaskmonApp:
         Route("/", _index, methods=["GET"]),
         *api.routes(),
         *stream_routes(),
+        *auth_routes(),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         *graph_routes(),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]

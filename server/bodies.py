@@ -7,14 +7,17 @@ limit or a parsing fix holds everywhere at once.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import ApiError
 
 __all__ = ["MAX_JSON_BYTES", "limited_stream", "read_body", "read_json"]
+
+logger = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 1024 * 1024
 
@@ -39,11 +42,16 @@ async def limited_stream(request: Request, limit: int, too_large: ApiError | Non
     error = too_large or _too_large(limit)
     _check_content_length(request, limit, error)
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise error
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise error
+            yield chunk
+    except ClientDisconnect:
+        # Not an error of ours: one debug line, and an answer nobody will read (never a 500).
+        logger.debug("client disconnected mid-body", extra={"path": request.url.path, "received": total})
+        raise ApiError(400, "the client disconnected before the body was complete") from None
 
 
 async def read_body(request: Request, limit: int, too_large: ApiError | None = None) -> bytes:

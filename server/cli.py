@@ -10,6 +10,7 @@ import os
 import resource
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import uvicorn
 from httpx_sse import connect_sse
 
 from .app import TaskmonApp, create_app
+from .connections import limited_protocol
 from .logs import configure_logging
 from .settings import Settings, SettingsError
 
@@ -48,7 +50,15 @@ def uvicorn_config(app: TaskmonApp, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="auto",  # uvloop when installed
-        http="auto",  # httptools when installed
+        # httptools when installed (else h11), plus header size/time limits and a connection cap
+        # that uvicorn lacks (server/connections.py); README, "Limits and browser protection".
+        http=limited_protocol(settings),
+        # h11's own header bound, a read chunk above ours so that ours answers first (431)
+        h11_max_incomplete_event_size=settings.max_header_bytes + 256 * 1024,
+        timeout_keep_alive=max(1, round(settings.keepalive_s)),  # idle after a response
+        # uvicorn answers 503 to requests beyond this many connections or running requests; ours
+        # (connections.py) refuses earlier, at accept; this is the backstop for running tasks.
+        limit_concurrency=settings.max_connections + 64,
         lifespan="on",
         log_config=None,  # configure_logging() did it once
         access_log=settings.access_log,
@@ -106,8 +116,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(text: object) -> str:
+    """Text safe for a terminal: control and format characters (ESC, CSI, BEL, bidi overrides,
+    newlines...) become ``\\u00XX`` escapes; everything else stays as it is."""
+    return "".join(
+        f"\\u{ord(ch):04x}" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in str(text)
+    )
+
+
 def _bar(task: dict[str, Any]) -> str:
-    return f"{task['status']:<10} {task['message'][:60]}"
+    """The bar's description, printed as plain text (the column has markup off, see ``_watch``)."""
+    return _plain(f"{task['status']:<10} {str(task['message'])[:60]}")
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -122,7 +141,7 @@ def _watch(args: argparse.Namespace) -> int:
     failures = 0
     with (
         httpx.Client(headers=headers, timeout=httpx.Timeout(10, read=None)) as client,
-        Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                  TimeElapsedColumn(), transient=False) as progress,
     ):
         bar = progress.add_task("connecting", total=100)
@@ -137,7 +156,7 @@ def _watch(args: argparse.Namespace) -> int:
                         break
                     if response.status_code != 200:
                         response.read()
-                        print(f"taskmon watch: {response.status_code}: {_error_text(response)}", file=sys.stderr)
+                        print(f"taskmon watch: {response.status_code}: {_plain(_error_text(response))}", file=sys.stderr)
                         return 2
                     failures = 0
                     for event in source.iter_sse():
@@ -157,9 +176,9 @@ def _watch(args: argparse.Namespace) -> int:
                 progress.update(bar, description=f"reconnecting ({failures}/{args.retries})")
                 time.sleep(min(5.0, 0.5 * 2**failures))
     if final["status"] == "failed":
-        print(f"failed: {final.get('error') or final.get('message')}", file=sys.stderr)
+        print(f"failed: {_plain(final.get('error') or final.get('message'))}", file=sys.stderr)
         return 1
-    print(json.dumps(final.get("result"), ensure_ascii=False))
+    print(_plain(json.dumps(final.get("result"), ensure_ascii=False)))  # still valid JSON
     return 0
 
 

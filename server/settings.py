@@ -38,6 +38,15 @@ _ENV: dict[str, tuple[str, str]] = {
     "TASKMON_CORS_ORIGINS": ("cors_origins", "list"),
     "TASKMON_MAX_UPLOAD_MB": ("max_upload_mb", "float"),
     "TASKMON_LOG_LEVEL": ("log_level", "str"),
+    "TASKMON_MAX_PROJECT_CHARS": ("max_project_chars", "int"),
+    "TASKMON_PDF_TIME_BUDGET_S": ("pdf_time_budget_s", "float"),
+    "TASKMON_ALLOWED_HOSTS": ("allowed_hosts", "list"),
+    "TASKMON_SECRET": ("secret", "secret"),
+    "TASKMON_TASK_TOKEN_TTL_S": ("task_token_ttl_s", "int"),
+    "TASKMON_MAX_HEADER_BYTES": ("max_header_bytes", "int"),
+    "TASKMON_KEEPALIVE_S": ("keepalive_s", "float"),
+    "TASKMON_HEADER_TIMEOUT_S": ("header_timeout_s", "float"),
+    "TASKMON_MAX_CONNECTIONS": ("max_connections", "int"),
     "ZEP_API_KEY": ("zep_api_key", "secret"),
     "ZEP_BASE_URL": ("zep_base_url", "secret"),
 }
@@ -76,12 +85,23 @@ class Settings:
     zep_base_url: str | None = None
     log_level: str = "warning"
     access_log: bool = False
+    # Hardening (README, "Limits and browser protection")
+    max_project_chars: int = 5_000_000  # text of one project (upload, JSON or extracted from PDFs)
+    pdf_time_budget_s: float = 20.0  # CPU-bound PDF text extraction per request
+    allowed_hosts: tuple[str, ...] = ()  # empty: loopback names plus TASKMON_HOST; "*" allows any
+    secret: str | None = field(default=None, repr=False)  # signs per-task read tokens
+    task_token_ttl_s: int = 3600
+    max_header_bytes: int = 64 * 1024
+    keepalive_s: float = 5.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 50_000
     # Subscriber buffer: frames kept per stream before coalescing to the newest snapshot per task.
     queue_size: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
         object.__setattr__(self, "log_level", self.log_level.lower())
         self._validate()
 
@@ -107,6 +127,19 @@ class Settings:
             (self.max_streams >= 1, "TASKMON_MAX_STREAMS must be >= 1"),
             (self.job_workers >= 1, "TASKMON_JOB_WORKERS must be >= 1"),
             (_finite(self.max_upload_mb) and self.max_upload_mb > 0, "TASKMON_MAX_UPLOAD_MB must be a finite number > 0"),
+            (self.max_project_chars >= 1, "TASKMON_MAX_PROJECT_CHARS must be >= 1"),
+            (
+                _finite(self.pdf_time_budget_s) and self.pdf_time_budget_s > 0,
+                "TASKMON_PDF_TIME_BUDGET_S must be a finite number > 0",
+            ),
+            (self.task_token_ttl_s >= 1, "TASKMON_TASK_TOKEN_TTL_S must be >= 1"),
+            (self.max_header_bytes >= 1024, "TASKMON_MAX_HEADER_BYTES must be >= 1024"),
+            (_finite(self.keepalive_s) and self.keepalive_s > 0, "TASKMON_KEEPALIVE_S must be a finite number > 0"),
+            (
+                _finite(self.header_timeout_s) and self.header_timeout_s > 0,
+                "TASKMON_HEADER_TIMEOUT_S must be a finite number > 0",
+            ),
+            (self.max_connections >= 1, "TASKMON_MAX_CONNECTIONS must be >= 1"),
             (self.queue_size >= 2, "queue_size must be >= 2"),
             (self.log_level in _LOG_LEVELS, f"TASKMON_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}"),
             (

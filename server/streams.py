@@ -167,7 +167,7 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
         if scope["method"] not in ("GET", "HEAD"):
             await _error(send, 405, "method not allowed", [(b"allow", b"GET, HEAD"), *extra_headers])
             return None
-        reason = check_read(settings, headers, query_map)
+        reason = check_read(settings, headers, query_map, task_id)
         if reason:
             await _error(send, 401, reason, [(b"www-authenticate", b'Bearer realm="taskmon"'), *extra_headers])
             return None

@@ -103,7 +103,7 @@ async def app(settings: Settings) -> AsyncIterator[TaskmonApp]:
 @pytest.fixture
 async def client(app: TaskmonApp) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://taskmon.test") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         http.app = app  # type: ignore[attr-defined]
         yield http
 

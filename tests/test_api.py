@@ -39,7 +39,7 @@ async def client_for(settings: Settings, *, raise_app_exceptions: bool = True, *
     app = create_app(settings.with_changes(**changes))
     async with running(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-        async with httpx.AsyncClient(transport=transport, base_url="http://taskmon.test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             http.app = app  # type: ignore[attr-defined]
             yield http
 
@@ -231,7 +231,7 @@ async def test_post_body_over_one_mib_is_413_and_creates_nothing(client):
             yield b"y" * 65536
         yield b'"}}'
 
-    response = await client.post("/api/tasks", content=chunked())
+    response = await client.post("/api/tasks", content=chunked(), headers={"content-type": "application/json"})
     assert_error(response, 413)
     assert await count(client) == 0
 
@@ -241,17 +241,17 @@ async def test_post_body_of_exactly_one_mib_is_accepted(client):
     head, tail = b'{"task_type": "t", "metadata": {"pad": "z"}', b"}"
     content = head + b" " * (MIB - len(head) - len(tail)) + tail
     assert len(content) == MIB
-    response = await client.post("/api/tasks", content=content)
+    response = await client.post("/api/tasks", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 201, response.text[:200]
 
 
 async def test_deeply_nested_json_is_400_never_500(settings):
     async with client_for(settings, raise_app_exceptions=False) as http:
         deep = b"[" * 100_000 + b"]" * 100_000  # 200 KB: within the size limit, beyond any parser stack
-        response = await http.post("/api/tasks", content=b'{"task_type": "t", "metadata": {"a": ' + deep + b"}}")
+        response = await http.post("/api/tasks", content=b'{"task_type": "t", "metadata": {"a": ' + deep + b"}}", headers={"content-type": "application/json"})
         assert_error(response, 400)
         task = await create(http)
-        response = await http.patch(f"/api/tasks/{task['task_id']}", content=b'{"progress_detail": {"a": ' + deep + b"}}")
+        response = await http.patch(f"/api/tasks/{task['task_id']}", content=b'{"progress_detail": {"a": ' + deep + b"}}", headers={"content-type": "application/json"})
         assert_error(response, 400)
         assert await count(http) == 1
 
@@ -262,7 +262,7 @@ async def test_an_accepted_task_can_always_be_served(settings):
     async with client_for(settings, raise_app_exceptions=False) as http:
         for depth in [20, 100, 500, *range(800, 1000)]:
             nested = b"[" * depth + b"]" * depth
-            response = await http.post("/api/tasks", content=b'{"task_type": "t", "metadata": {"a": ' + nested + b"}}")
+            response = await http.post("/api/tasks", content=b'{"task_type": "t", "metadata": {"a": ' + nested + b"}}", headers={"content-type": "application/json"})
             if response.status_code != 201:
                 assert_error(response, 400)
                 continue
@@ -362,7 +362,7 @@ async def test_patch_check_order_404_then_400_then_409(client, case, body, statu
     if body is None:
         response = await client.patch(f"/api/tasks/{task_id}")
     elif isinstance(body, bytes):
-        response = await client.patch(f"/api/tasks/{task_id}", content=body)
+        response = await client.patch(f"/api/tasks/{task_id}", content=body, headers={"content-type": "application/json"})
     else:
         response = await client.patch(f"/api/tasks/{task_id}", json=body)
     assert_error(response, status)
@@ -403,7 +403,7 @@ async def test_patch_bad_body_is_400_and_changes_nothing(client, content):
     task = await create(client)
     await client.patch(f"/api/tasks/{task['task_id']}", json={"status": "processing", "progress": 5})
     before = (await client.get(f"/api/graph/task/{task['task_id']}")).json()
-    assert_error(await client.patch(f"/api/tasks/{task['task_id']}", content=content), 400)
+    assert_error(await client.patch(f"/api/tasks/{task['task_id']}", content=content, headers={"content-type": "application/json"}), 400)
     assert (await client.get(f"/api/graph/task/{task['task_id']}")).json() == before
 
 

@@ -393,7 +393,7 @@ async def test_tokens_guard_the_graph_endpoints(tmp_path: Path) -> None:
     app = create_app(settings)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
-        http = await stack.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t"))
+        http = await stack.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost"))
         response = await http.post("/api/graph/project", json={"text": "t"})
         assert response.status_code == 401 and response.json()["success"] is False
         assert list((settings.data_dir / "projects").iterdir()) == []

@@ -166,7 +166,7 @@ async def test_root_path_streams_legacy_get_and_page(settings: Settings) -> None
 
 async def test_a_mount_without_the_lifespan_says_what_to_add(settings: Settings) -> None:
     host = Starlette(routes=[Mount(PREFIX, app=create_app(settings))])  # lifespan=taskmon.lifespan forgotten
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=host), base_url="http://host.test") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=host), base_url="http://localhost") as http:
         for path in ("/api/graph/tasks", "/tasks/stream", "/healthz"):
             response = await http.get(f"{PREFIX}{path}")
             assert response.status_code == 503
@@ -188,7 +188,7 @@ async def test_the_lifespan_can_be_entered_from_the_hosts_own(settings: Settings
 
     host = Starlette(routes=[Mount(PREFIX, app=taskmon)], lifespan=lifespan)
     async with running(host):  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=host), base_url="http://host.test") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=host), base_url="http://localhost") as http:
             assert (await http.get(f"{PREFIX}/healthz")).json()["status"] == "ok"
     assert events == ["host up", "host down"]
 
@@ -210,7 +210,7 @@ async def test_stream_preflight_answers_as_the_json_endpoints(settings: Settings
     taskmon = create_app(settings.with_changes(cors_origins=(ORIGIN,)))
     app: ASGIApp = host_app(taskmon) if prefix else taskmon
     async with running(app):  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://taskmon.test") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
             task_id = (await http.post(f"{prefix}/api/tasks", json={"task_type": "cors"})).json()["data"]["task_id"]
             json_preflight = await http.options(f"{prefix}/api/graph/task/{task_id}", headers=PREFLIGHT)
             status, headers = preflight_view(json_preflight)

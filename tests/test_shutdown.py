@@ -27,7 +27,7 @@ def _get_json(url: str) -> dict:
 
 
 def _post_json(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=2) as response:
         return json.loads(response.read())
 
@@ -48,10 +48,10 @@ async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) 
 
 async def _open_streams(port: int, task_id: str) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     streams = []
-    request = f"GET /tasks/{task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = f"GET /tasks/{task_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     for index in range(STREAMS):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request if index % 2 else b"GET /tasks/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(request if index % 2 else b"GET /tasks/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         streams.append((reader, writer))
     return streams
 

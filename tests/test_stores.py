@@ -237,12 +237,12 @@ async def test_sqlite_restart_keeps_finished_tasks_and_fails_interrupted_ones(tm
         manager.complete_task(done.task_id, {"graph_id": "g1", "nodes": 3})
         live = manager.create_task("graph_build")
         live_before = manager.update_task(live.task_id, status="processing", progress=40, message="halfway")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
             done_json = (await http.get(f"/api/graph/task/{done.task_id}")).json()
     assert done_json["data"]["status"] == "completed"
 
     async with running(create_app(settings)) as app:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
             again = await http.get(f"/api/graph/task/{done.task_id}")
             interrupted = await http.get(f"/api/graph/task/{live.task_id}")
             listing = await http.get("/api/graph/tasks")

@@ -91,7 +91,7 @@ class Client:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
-            "headers": [(b"host", b"taskmon.test")],
+            "headers": [(b"host", b"localhost")],
             "client": ("127.0.0.1", 1),
             "server": ("taskmon.test", 80),
         }

@@ -288,10 +288,10 @@ async def test_dropped_clients_leave_no_subscriber(live_server, settings):
     async with serving(live_server, settings) as (srv, http):
         task = srv.manager.create_task("demo")
         ports: list[socket.socket] = []
-        request = f"GET /tasks/{task.task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        request = f"GET /tasks/{task.task_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
         for index in range(200):
             sock = socket.create_connection(("127.0.0.1", srv.settings.port))
-            path = request if index % 2 else b"GET /tasks/stream HTTP/1.1\r\nHost: x\r\n\r\n"
+            path = request if index % 2 else b"GET /tasks/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             sock.sendall(path)
             ports.append(sock)
         await wait_for(lambda: srv.manager.bus.open_streams == 200, timeout=10)
@@ -313,7 +313,7 @@ async def test_slow_reader_neither_delays_others_nor_grows(live_server, settings
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", srv.settings.port))
-        stalled.sendall(f"GET /tasks/{task.task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        stalled.sendall(f"GET /tasks/{task.task_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         await wait_for(lambda: manager.bus.open_streams == 1)
         pad = "x" * 2000  # 10,000 x ~2.3 KB: far more than the socket buffers hold, so the reader stalls
         last = 2 + 10_000

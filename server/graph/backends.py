@@ -344,6 +344,7 @@ def _edge_dict(
 _NAMESPACE = uuid.UUID("6f1c2b8e-4f7a-4a51-9a3e-7c2d9b0f5e11")
 _LOCAL_ID_RE = re.compile(r"^local_[0-9a-f]{32}$")
 _MAX_UNREAD_BATCHES = 1000
+_MAX_OPEN_GRAPHS = 8
 _SENTENCE_RE = re.compile(r"[^.!?\n\u3002\uff01\uff1f]+(?:[.!?\u3002\uff01\uff1f]+|$)", re.MULTILINE)
 _WORD_RE = re.compile(r"[^\W_][\w'\u2019-]*")
 _CONNECTORS = frozenset({"of", "the", "de", "del", "der", "van", "von", "da", "du", "la", "le", "al", "bin", "y", "for"})
@@ -464,9 +465,32 @@ class LocalBackend:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._batches: dict[str, BatchState] = {}
+        # Graphs being built stay in memory and are written when they have doubled since their
+        # last write (and when read back, evicted or closed): a build writes O(final size) bytes
+        # in all, not one whole-graph rewrite per batch (which made builds quadratic).
+        self._open: dict[str, dict[str, Any]] = {}
+        self._saved_episodes: dict[str, int] = {}
 
     def close(self) -> None:
-        return None
+        with self._lock:
+            for graph_id in list(self._open):
+                self._evict(graph_id)
+
+    def _evict(self, graph_id: str) -> None:
+        graph = self._open.pop(graph_id, None)
+        saved = self._saved_episodes.pop(graph_id, None)
+        if graph is not None and graph["episodes"] != saved:
+            self._save(graph)
+
+    def _loaded(self, graph_id: str) -> dict[str, Any]:
+        graph = self._open.get(graph_id)
+        if graph is None:
+            graph = self._load(graph_id)
+            self._open[graph_id] = graph
+            self._saved_episodes[graph_id] = graph["episodes"]
+            while len(self._open) > _MAX_OPEN_GRAPHS:
+                self._evict(next(iter(self._open)))
+        return graph
 
     def _path(self, graph_id: str) -> Path:
         if _LOCAL_ID_RE.fullmatch(graph_id) is None:
@@ -503,11 +527,13 @@ class LocalBackend:
     def submit_batch(self, graph_id: str, chunks: Sequence[str], retrier: Retrier) -> SubmittedBatch:
         rejected = [{"index": i, "reason": "empty chunk"} for i, c in enumerate(chunks) if not c.strip()]
         with self._lock:
-            graph = self._load(graph_id)
+            graph = self._loaded(graph_id)
             for chunk in chunks:
                 if chunk.strip():
                     self._ingest(graph, chunk)
-            self._save(graph)
+            if graph["episodes"] >= 2 * self._saved_episodes[graph_id]:
+                self._save(graph)
+                self._saved_episodes[graph_id] = graph["episodes"]
             batch_id = f"local-batch-{uuid.uuid4().hex}"
             accepted = len(chunks) - len(rejected)
             status = "succeeded" if not rejected else ("partial" if accepted else "failed")
@@ -542,7 +568,7 @@ class LocalBackend:
                     }
                 node["kinds"][mention.kind] = node["kinds"].get(mention.kind, 0) + 1
                 node["mentions"] += 1
-                if episode not in node["episode_uuids"]:
+                if not node["episode_uuids"] or node["episode_uuids"][-1] != episode:  # this episode is the newest
                     node["episode_uuids"].append(episode)
                 if all(k != key for k, _ in keys):
                     keys.append((key, mention))
@@ -566,7 +592,7 @@ class LocalBackend:
                             "weight": 0,
                         }
                     edge["weight"] += 1
-                    if episode not in edge["episode_uuids"]:
+                    if not edge["episode_uuids"] or edge["episode_uuids"][-1] != episode:
                         edge["episode_uuids"].append(episode)
 
     def batch_state(self, batch_id: str, retrier: Retrier) -> BatchState:
@@ -577,12 +603,14 @@ class LocalBackend:
         return state
 
     def counts(self, graph_id: str, retrier: Retrier) -> tuple[int, int]:
-        with self._lock:
+        with self._lock:  # the end of a build: write it out and let it go
+            self._evict(graph_id)
             graph = self._load(graph_id)
         return len(graph["nodes"]), len(graph["edges"])
 
     def graph_data(self, graph_id: str, retrier: Retrier) -> dict[str, Any]:
         with self._lock:
+            self._evict(graph_id)
             graph = self._load(graph_id)
         by_uuid = {n["uuid"]: n for n in graph["nodes"].values()}
         nodes = [
@@ -617,6 +645,8 @@ class LocalBackend:
     def delete_graph(self, graph_id: str, retrier: Retrier) -> None:
         path = self._path(graph_id)
         with self._lock:
+            self._open.pop(graph_id, None)
+            self._saved_episodes.pop(graph_id, None)
             try:
                 path.unlink()
             except FileNotFoundError:

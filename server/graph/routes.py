@@ -27,7 +27,9 @@ from .service import BuildConflict, GraphService, ShuttingDown
 from .text import (
     DEFAULT_CHUNK_OVERLAP,
     DEFAULT_CHUNK_SIZE,
+    TextBudget,
     TextError,
+    TextTooLarge,
     check_filename,
     extract_text,
     normalize_text,
@@ -95,11 +97,13 @@ async def _files_from_multipart(request: Request, limit: int) -> tuple[str | Non
         await form.close()
 
 
-def _extract_all(files: list[tuple[str, bytes]]) -> tuple[list[SourceFile], str]:
+def _extract_all(files: list[tuple[str, bytes]], budget: TextBudget) -> tuple[list[SourceFile], str]:
     sources = []
     for filename, data in files:
         try:
-            text = extract_text(filename, data)
+            text = extract_text(filename, data, budget)
+        except TextTooLarge as exc:
+            raise ApiError(413, f"{filename}: {exc}") from None
         except TextError as exc:
             raise ApiError(400, f"{filename}: {exc}") from None
         sources.append(SourceFile(filename=filename, suffix=check_filename(filename), data=data, text=text))
@@ -114,7 +118,8 @@ async def create_project(request: Request) -> JSONResponse:
     media = _media_type(request)
     if media == "multipart/form-data":
         name, files = await _files_from_multipart(request, limit)
-        sources, text = await anyio.to_thread.run_sync(_extract_all, files)
+        budget = TextBudget(service.settings.max_project_chars, service.settings.pdf_time_budget_s)
+        sources, text = await anyio.to_thread.run_sync(_extract_all, files, budget)
         if name is None or not name.strip():
             name = sources[0].filename[:MAX_NAME_LENGTH]
     elif media == "application/json":
@@ -132,6 +137,8 @@ async def create_project(request: Request) -> JSONResponse:
         sources = []
     else:
         raise ApiError(415, "send multipart/form-data with 'files', or application/json with 'name' and 'text'")
+    if len(text) > service.settings.max_project_chars:
+        raise ApiError(413, f"the project's text is longer than the limit of {service.settings.max_project_chars} characters")
     try:
         name = clean_name(name)
     except ValueError as exc:
@@ -220,6 +227,9 @@ async def build_graph(request: Request) -> JSONResponse:
         meta = await anyio.to_thread.run_sync(service.projects.get, project_id)
     except ProjectNotFound:
         raise ApiError(404, "project not found") from None
+    limit = service.settings.max_project_chars
+    if int(meta.get("total_text_length") or 0) > limit:
+        raise ApiError(413, f"the project's text is longer than the limit of {limit} characters (TASKMON_MAX_PROJECT_CHARS)")
     spec = _build_spec(body, meta["name"])
     try:
         task = await anyio.to_thread.run_sync(lambda: service.start_build(spec, force=force))

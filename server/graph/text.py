@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
+from collections.abc import Callable
 import unicodedata
 from pathlib import PurePosixPath
 
@@ -43,6 +45,31 @@ _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 
 class TextError(ValueError):
     """Input that cannot become text or chunks; the message is safe to show to a client."""
+
+
+class TextTooLarge(TextError):
+    """The text (or the work to extract it) is over a limit: a 413, not a 400."""
+
+
+class TextBudget:
+    """Limits on extraction shared by every file of one request: characters and CPU seconds.
+
+    ``spend`` is called as text comes (per text fragment of a PDF page, per file), so an
+    expanding PDF is stopped while it expands, not after."""
+
+    def __init__(self, max_chars: int, max_seconds: float, clock: Callable[[], float] = time.process_time) -> None:
+        self.max_chars = max_chars
+        self.max_seconds = max_seconds
+        self.chars = 0
+        self._clock = clock
+        self._deadline = clock() + max_seconds
+
+    def spend(self, chars: int) -> None:
+        self.chars += chars
+        if self.chars > self.max_chars:
+            raise TextTooLarge(f"the extracted text is longer than the limit of {self.max_chars} characters")
+        if self._clock() > self._deadline:
+            raise TextTooLarge(f"extracting the text took longer than the limit of {self.max_seconds:g} s")
 
 
 # --------------------------------------------------------------------------- chunking
@@ -158,15 +185,25 @@ def decode_text(data: bytes) -> str:
     return str(best)
 
 
-def extract_pdf(data: bytes) -> str:
-    """Text of every page of a PDF; TextError when it is not a readable PDF."""
+def extract_pdf(data: bytes, budget: TextBudget | None = None) -> str:
+    """Text of every page of a PDF; TextError when it is not a readable PDF, TextTooLarge when
+    ``budget`` runs out (checked per text fragment, while each page is extracted)."""
     if not data[:1024].lstrip().startswith(_PDF_MAGIC):
         raise TextError("file is not a valid PDF")
+
+    def visit(text: str, *_: object) -> None:
+        if budget is not None:
+            budget.spend(len(text))
+
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise TextError("PDF is encrypted")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = []
+        for page in reader.pages:
+            if budget is not None:
+                budget.spend(0)  # the time budget, between pages too
+            pages.append(page.extract_text(visitor_text=visit) or "")
     except TextError:
         raise
     # pypdf signals malformed input through its own errors and, for some damage, builtin ones.
@@ -176,10 +213,15 @@ def extract_pdf(data: bytes) -> str:
     return "\n\n".join(pages)
 
 
-def extract_text(filename: str, data: bytes) -> str:
+def extract_text(filename: str, data: bytes, budget: TextBudget | None = None) -> str:
     """Normalized text of one uploaded file (name already checked by ``check_filename``)."""
     suffix = check_filename(filename)
-    raw = extract_pdf(data) if suffix == ".pdf" else decode_text(data)
+    if suffix == ".pdf":
+        raw = extract_pdf(data, budget)
+    else:
+        raw = decode_text(data)
+        if budget is not None:
+            budget.spend(len(raw))
     text = normalize_text(raw)
     if not text:
         raise TextError("file contains no text")
