@@ -271,7 +271,8 @@ class TaskManager:
     # -- computing a change (pure) ----------------------------------------------------------------
     def _new_task(self, task_type: str, metadata: dict[str, Any] | None, lease_s: Any, owned: bool) -> Task:
         _validate_new(task_type, metadata)
-        lease = validate_lease(lease_s) if lease_s is not None else self.default_lease_s
+        # the server's default lease is for producers; a job of our own pool may wait queued as pending
+        lease = validate_lease(lease_s) if lease_s is not None else (None if owned else self.default_lease_s)
         now = self._clock()
         if self._last_created is not None and now <= self._last_created:
             now = self._last_created + _TICK  # creation order is listing order, even within one tick
@@ -312,7 +313,8 @@ class TaskManager:
         if "cancel" in fields:
             fields.pop("cancel")
             fields["cancel_requested"] = True
-            fields["cancel_at"] = _ts(now)
+            # a repeated cancel keeps the first request's time: clicking again never extends the grace
+            fields["cancel_at"] = current.cancel_at if current.cancel_requested and current.cancel_at is not None else _ts(now)
         task = replace(
             current,
             **fields,
@@ -573,6 +575,8 @@ class TaskManager:
             elif after is not None:
                 replay = await self._store.aevents(task_id, after, REPLAY_PAGE)
                 if replay and replay[0][0] == after + 1:
+                    if task.task_id in self._stale:  # the log's snapshots say stale: false; it is not
+                        subscription.stale_tail = Event.stale(task.task_id, task.task_type, task.status, True)
                     subscription.start_replay(replay, task, more=len(replay) == REPLAY_PAGE)
                 else:
                     subscription.start_snapshot(task, self.is_stale(task))
@@ -645,6 +649,7 @@ class TaskSubscription:
         "finished",
         "final_status",
         "more",
+        "stale_tail",
     )
 
     def __init__(self, bus: EventBus, subscriber: Subscriber, task: Task) -> None:
@@ -657,6 +662,7 @@ class TaskSubscription:
         self.finished = False
         self.final_status = task.status
         self.more = False  # a replay has further pages in the store
+        self.stale_tail: Event | None = None  # sent after the last replay page: the task is stale now
 
     def start_snapshot(self, task: Task, stale: bool) -> None:
         self.initial = [Event.for_task(task, stale=stale)]
@@ -682,6 +688,10 @@ class TaskSubscription:
                 self.finished = event.terminal
                 self.final_status = event.status
         self.more = more and not self.finished
+        if not self.more and self.stale_tail is not None:
+            if not self.finished:
+                out.append(self.stale_tail)
+            self.stale_tail = None
         return out
 
     def close(self) -> None:
