@@ -8,6 +8,7 @@ import json
 import threading
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,27 @@ async def test_the_grace_setting_reaches_the_manager(settings):
     app = create_app(settings.with_changes(cancel_grace_s=5.0, stale_after_s=42.0))
     async with running(app):
         assert app.state.manager.cancel_grace_s == 5.0 and app.state.manager.stale_after_s == 42.0
+
+
+async def test_a_graph_build_failed_by_the_grace_records_cancelled_on_its_project(client):
+    service = client.app.state.graph
+    manager = client.app.state.manager
+    service.backend = gated = _GatedBackend(service.settings.data_dir)
+    try:
+        project = await client.post("/api/graph/project", json={"name": "curie", "text": STORY * 60})
+        project_id = project.json()["data"]["project_id"]
+        task_id = (await client.post("/api/graph/build", json={"project_id": project_id})).json()["data"]["task_id"]
+        await _wait_until(lambda: manager.get_task(task_id).progress_detail.get("phase") == "adding")
+        assert (await client.post(f"/api/tasks/{task_id}/cancel")).status_code == 202
+        # the build is stuck in a backend call; the grace ends (the sweep, run as the monitor would, later)
+        later = manager.get_task(task_id).updated_at + timedelta(seconds=manager.cancel_grace_s + 1)
+        assert await anyio.to_thread.run_sync(manager.sweep, later) == {"lease": [], "cancel": [task_id]}
+        gated.gate.set()
+        await _wait_until(lambda: service.projects.get(project_id)["status"] == "failed")
+    finally:
+        gated.gate.set()
+    final = (await client.get(f"/api/graph/task/{task_id}")).json()["data"]
+    assert final["status"] == "failed" and final["error"] == "cancelled"
+    project = (await client.get(f"/api/graph/project/{project_id}")).json()["data"]
+    assert project["status"] == "failed" and project["error"] == "cancelled"
+    assert gated.submitted == 1
