@@ -324,3 +324,18 @@ async def test_every_response_carries_the_v11_keys_after_the_legacy_ones(client)
     done = (await client.patch(f"/api/tasks/{task_id}", json={"status": "completed", "result": {}})).json()["data"]
     assert done["finished_at"] == done["updated_at"] and done["eta_s"] is None and done["started_at"] == patched["started_at"]
     assert done["progress"] == 100
+
+
+async def test_a_replay_to_a_stale_task_ends_with_stale_true(manager, clock):
+    task = manager.create_task("quiet")
+    manager.update_task(task.task_id, status="processing")
+    manager.update_task(task.task_id, progress=10)
+    clock.advance(301)
+    manager.mark_stale(manager.store.live())
+    async with manager.subscribe(task.task_id, after=1) as replay:
+        events = [(e.kind, e.version, json.loads(e.body)) for e in replay.take_initial()]
+    assert [(k, v) for k, v, _ in events] == [("task", 2), ("task", 3), ("stale", 0)]
+    assert events[-1][2] == {"task_id": task.task_id, "stale": True}  # the logged snapshots say false
+    async with manager.subscribe(task.task_id) as fresh:
+        [snapshot] = fresh.take_initial()
+    assert snapshot.task["stale"] is True
