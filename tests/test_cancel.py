@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import TASK_KEYS, FakeClock, running
 from httpx_sse import aconnect_sse
 
 from server.app import create_app
@@ -25,8 +26,6 @@ from server.manager import CANCELLED, TaskManager
 from server.models import TaskCancelled, TaskStateError, TaskStatus
 from server.retry import Retrier
 from server.stores.memory import MemoryStore
-
-from conftest import TASK_KEYS, FakeClock, running
 
 pytestmark = pytest.mark.anyio
 

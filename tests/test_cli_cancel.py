@@ -11,10 +11,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import free_port
 
 from server.cli import _timing
-
-from conftest import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -12,13 +12,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import TASK_KEYS, running
 from httpx_sse import aconnect_sse
 
 from server.app import create_app
 from server.manager import REPLAY_PAGE
 from server.settings import Settings
-
-from conftest import TASK_KEYS, running
 
 pytestmark = pytest.mark.anyio
 
@@ -38,13 +37,15 @@ async def _read_stream(url: str, task_id: str, last_event_id: str | None) -> lis
     """(event, id, data) of a per-task stream until its ``end``."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
     out: list[tuple[str, str | None, str]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        async with aconnect_sse(http, "GET", f"/tasks/{task_id}/stream", headers=headers) as source:
-            assert source.response.status_code == 200
-            async for event in source.aiter_sse():
-                out.append((event.event, event.id or None, event.data))
-                if event.event == "end":
-                    return out
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        aconnect_sse(http, "GET", f"/tasks/{task_id}/stream", headers=headers) as source,
+    ):
+        assert source.response.status_code == 200
+        async for event in source.aiter_sse():
+            out.append((event.event, event.id or None, event.data))
+            if event.event == "end":
+                return out
     raise AssertionError("the stream closed without an end event")
 
 

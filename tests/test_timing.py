@@ -11,6 +11,7 @@ from datetime import datetime
 
 import httpx
 import pytest
+from conftest import MIROFISH_KEYS, TASK_KEYS, V11_KEYS, FakeClock, running
 
 from server.app import create_app
 from server.bus import EventBus
@@ -18,8 +19,6 @@ from server.manager import MAX_LEASE_S, TaskManager
 from server.models import RATE_WINDOW, TaskStateError, TaskStatus
 from server.settings import Settings
 from server.stores.memory import MemoryStore
-
-from conftest import MIROFISH_KEYS, TASK_KEYS, V11_KEYS, FakeClock, running
 
 pytestmark = pytest.mark.anyio
 
@@ -106,7 +105,7 @@ async def test_eta_of_a_linear_task_is_within_20_percent(manager, clock, speed, 
 
 
 async def test_eta_follows_a_change_of_pace(manager, clock):
-    task_id, elapsed = _run_linear(manager, clock, 2.0, 1.0, updates=10)  # 20 points in 10 s
+    task_id, _ = _run_linear(manager, clock, 2.0, 1.0, updates=10)  # 20 points in 10 s
     progress = 20
     for _ in range(RATE_WINDOW):  # then slows to 0.5 points per second
         clock.advance(2)
@@ -280,9 +279,8 @@ async def test_good_lease_on_post(client, lease_s, stored):
 @asynccontextmanager
 async def _client(settings: Settings, **changes) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings.with_changes(**changes))
-    async with running(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            yield http
+    async with running(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        yield http
 
 
 async def test_the_configured_default_lease_applies_over_http(settings):
