@@ -349,12 +349,22 @@ class TaskManager:
         ack.wait()
         return task
 
-    def _change(self, task_id: str, fields: dict[str, Any], *, wait: bool = False, cancel_check: bool = False) -> Task:
+    def _change(
+        self,
+        task_id: str,
+        fields: dict[str, Any],
+        *,
+        wait: bool = False,
+        cancel_check: bool = False,
+        only_version: int | None = None,
+    ) -> Task:
         for _ in range(_RETRIES):
             with self._lock:
                 current = self._store.get(task_id)
                 if cancel_check and current is not None and current.cancel_requested:
                     raise TaskCancelled(task_id)
+                if only_version is not None and current is not None and current.version != only_version:
+                    raise TaskStateError("the task changed since the decision was taken")
                 task, body = self._plan(current, task_id, fields)
                 try:
                     ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
@@ -510,7 +520,9 @@ class TaskManager:
                     self.fail_task(task.task_id, CANCELLED)
                     out["cancel"].append(task.task_id)
                 elif task.lease_s is not None and quiet > task.lease_s:
-                    self.fail_task(task.task_id, f"no update for {task.lease_s:g} s")
+                    # only the snapshot judged quiet: an update that landed meanwhile renewed the lease
+                    failed = validate_changes(_failed(f"no update for {task.lease_s:g} s"))
+                    self._change(task.task_id, failed, only_version=task.version)
                     out["lease"].append(task.task_id)
             except (TaskNotFoundError, TaskStateError):
                 continue  # it moved on meanwhile

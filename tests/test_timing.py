@@ -337,3 +337,13 @@ async def test_a_replay_to_a_stale_task_ends_with_stale_true(manager, clock):
     async with manager.subscribe(task.task_id) as fresh:
         [snapshot] = fresh.take_initial()
     assert snapshot.task["stale"] is True
+
+
+async def test_an_update_that_lands_while_the_sweep_decides_renews_the_lease(manager, clock, monkeypatch):
+    task = manager.create_task("leased", lease_s=30)
+    clock.advance(31)
+    judged = manager.store.live()  # the sweep's view: quiet for 31 s
+    manager.update_task(task.task_id, status="processing")  # ... and the producer reports just then
+    monkeypatch.setattr(manager.store, "live", lambda: judged)
+    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.get_task(task.task_id).status is TaskStatus.PROCESSING
