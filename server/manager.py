@@ -734,7 +734,8 @@ class TaskSubscription:
     async def __aiter__(self) -> AsyncIterator[Task]:
         """For Python consumers: each snapshot as a Task, ending after the terminal one."""
         for event in self.take_initial():
-            yield Task.from_dict(event.task)
+            if event.kind == "task":
+                yield Task.from_dict(event.task)
         while not self.finished:
             await self.subscriber.wait()
             if self.subscriber.closed:

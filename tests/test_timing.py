@@ -337,6 +337,13 @@ async def test_a_replay_to_a_stale_task_ends_with_stale_true(manager, clock):
     async with manager.subscribe(task.task_id) as fresh:
         [snapshot] = fresh.take_initial()
     assert snapshot.task["stale"] is True
+    seen = []
+    async with manager.subscribe(task.task_id, after=1) as python_consumer:  # Python consumers get tasks only
+        async for snapshot_task in python_consumer:
+            seen.append(snapshot_task.version)
+            if snapshot_task.version == 3:
+                manager.complete_task(task.task_id, {})
+    assert seen == [2, 3, 4]
 
 
 async def test_an_update_that_lands_while_the_sweep_decides_renews_the_lease(manager, clock, monkeypatch):
