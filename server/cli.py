@@ -12,6 +12,7 @@ import sys
 import time
 import unicodedata
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -129,6 +130,25 @@ def _bar(task: dict[str, Any]) -> str:
     return _plain(f"{task['status']:<10} {str(task['message'])[:60]}")
 
 
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _timing(task: dict[str, Any], now: datetime | None = None) -> str:
+    """The task's own elapsed time (since it started processing) and the server's ETA."""
+    started = task.get("started_at")
+    if started is None:
+        elapsed = "-:--"
+    else:
+        end = task.get("finished_at")
+        stop = datetime.fromisoformat(end) if end else (now or datetime.now(UTC))
+        elapsed = _clock(max(0.0, (stop - datetime.fromisoformat(started)).total_seconds()))
+    eta = task.get("eta_s")
+    return f"elapsed {elapsed} eta {'-:--' if eta is None else _clock(eta)}"
+
+
 def _watch(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -142,9 +162,9 @@ def _watch(args: argparse.Namespace) -> int:
     with (
         httpx.Client(headers=headers, timeout=httpx.Timeout(10, read=None)) as client,
         Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                 TimeElapsedColumn(), transient=False) as progress,
+                 TimeElapsedColumn(), TextColumn("{task.fields[timing]}", markup=False), transient=False) as progress,
     ):
-        bar = progress.add_task("connecting", total=100)
+        bar = progress.add_task("connecting", total=100, timing="")
         while final is None:
             request_headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
@@ -163,7 +183,7 @@ def _watch(args: argparse.Namespace) -> int:
                         if event.event == "task":
                             task = json.loads(event.data)
                             last_id = event.id or last_id
-                            progress.update(bar, completed=task["progress"], description=_bar(task))
+                            progress.update(bar, completed=task["progress"], description=_bar(task), timing=_timing(task))
                             if task["status"] in ("completed", "failed"):
                                 final = task
                         elif event.event == "end":
@@ -180,6 +200,23 @@ def _watch(args: argparse.Namespace) -> int:
         return 1
     print(_plain(json.dumps(final.get("result"), ensure_ascii=False)))  # still valid JSON
     return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    """Ask the server to cancel a task: 0 accepted, 1 the task already finished (409), 2 otherwise."""
+    token = args.token or os.environ.get("TASKMON_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{args.url.rstrip('/')}/api/tasks/{args.task_id}/cancel"
+    try:
+        response = httpx.post(url, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"taskmon cancel: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code == 202:
+        print(f"cancel requested for {args.task_id}; the task ends failed \"cancelled\" at its next report", file=sys.stderr)
+        return 0
+    print(f"taskmon cancel: {response.status_code}: {_error_text(response)}", file=sys.stderr)
+    return 1 if response.status_code == 409 else 2
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -225,6 +262,13 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="read or API token (default: TASKMON_READ_TOKEN)")
     watch.add_argument("--retries", type=int, default=10, help="reconnect attempts before giving up")
     watch.set_defaults(func=_watch)
+    cancel = commands.add_parser(
+        "cancel", help="ask for a task to be cancelled; exit 0 when accepted, 1 when it already finished, 2 otherwise"
+    )
+    cancel.add_argument("task_id")
+    cancel.add_argument("--url", default=os.environ.get("TASKMON_URL", "http://127.0.0.1:8000"))
+    cancel.add_argument("--token", help="producer API token (default: TASKMON_API_TOKEN)")
+    cancel.set_defaults(func=_cancel)
     run = commands.add_parser(
         "run",
         help="run COMMAND as a task; its stdout lines '::progress N message' report progress",

@@ -285,7 +285,8 @@ class TaskManager:
     # -- computing a change (pure) ----------------------------------------------------------------
     def _new_task(self, task_type: str, metadata: dict[str, Any] | None, lease_s: Any, owned: bool) -> Task:
         _validate_new(task_type, metadata)
-        lease = validate_lease(lease_s) if lease_s is not None else self.default_lease_s
+        # the server's default lease is for producers; a job of our own pool may wait queued as pending
+        lease = validate_lease(lease_s) if lease_s is not None else (None if owned else self.default_lease_s)
         now = self._clock()
         if self._last_created is not None and now <= self._last_created:
             now = self._last_created + _TICK  # creation order is listing order, even within one tick
@@ -326,7 +327,8 @@ class TaskManager:
         if "cancel" in fields:
             fields.pop("cancel")
             fields["cancel_requested"] = True
-            fields["cancel_at"] = _ts(now)
+            # a repeated cancel keeps the first request's time: clicking again never extends the grace
+            fields["cancel_at"] = current.cancel_at if current.cancel_requested and current.cancel_at is not None else _ts(now)
         task = _replace(
             current,
             fields,
@@ -361,12 +363,22 @@ class TaskManager:
         ack.wait()
         return task
 
-    def _change(self, task_id: str, fields: dict[str, Any], *, wait: bool = False, cancel_check: bool = False) -> Task:
+    def _change(
+        self,
+        task_id: str,
+        fields: dict[str, Any],
+        *,
+        wait: bool = False,
+        cancel_check: bool = False,
+        only_version: int | None = None,
+    ) -> Task:
         for _ in range(_RETRIES):
             with self._lock:
                 current = self._store.get(task_id)
                 if cancel_check and current is not None and current.cancel_requested:
                     raise TaskCancelled(task_id)
+                if only_version is not None and current is not None and current.version != only_version:
+                    raise TaskStateError("the task changed since the decision was taken")
                 task, body = self._plan(current, task_id, fields)
                 try:
                     ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
@@ -522,7 +534,9 @@ class TaskManager:
                     self.fail_task(task.task_id, CANCELLED)
                     out["cancel"].append(task.task_id)
                 elif task.lease_s is not None and quiet > task.lease_s:
-                    self.fail_task(task.task_id, f"no update for {task.lease_s:g} s")
+                    # only the snapshot judged quiet: an update that landed meanwhile renewed the lease
+                    failed = validate_changes(_failed(f"no update for {task.lease_s:g} s"))
+                    self._change(task.task_id, failed, only_version=task.version)
                     out["lease"].append(task.task_id)
             except (TaskNotFoundError, TaskStateError):
                 continue  # it moved on meanwhile
@@ -587,6 +601,8 @@ class TaskManager:
             elif after is not None:
                 replay = await self._store.aevents(task_id, after, REPLAY_PAGE)
                 if replay and replay[0][0] == after + 1:
+                    if task.task_id in self._stale:  # the log's snapshots say stale: false; it is not
+                        subscription.stale_tail = Event.stale(task.task_id, task.task_type, task.status, True)
                     subscription.start_replay(replay, task, more=len(replay) == REPLAY_PAGE)
                 else:
                     subscription.start_snapshot(task, self.is_stale(task))
@@ -659,6 +675,7 @@ class TaskSubscription:
         "finished",
         "final_status",
         "more",
+        "stale_tail",
     )
 
     def __init__(self, bus: EventBus, subscriber: Subscriber, task: Task) -> None:
@@ -671,6 +688,7 @@ class TaskSubscription:
         self.finished = False
         self.final_status = task.status
         self.more = False  # a replay has further pages in the store
+        self.stale_tail: Event | None = None  # sent after the last replay page: the task is stale now
 
     def start_snapshot(self, task: Task, stale: bool) -> None:
         self.initial = [Event.for_task(task, stale=stale)]
@@ -696,6 +714,10 @@ class TaskSubscription:
                 self.finished = event.terminal
                 self.final_status = event.status
         self.more = more and not self.finished
+        if not self.more and self.stale_tail is not None:
+            if not self.finished:
+                out.append(self.stale_tail)
+            self.stale_tail = None
         return out
 
     def close(self) -> None:
@@ -726,7 +748,8 @@ class TaskSubscription:
     async def __aiter__(self) -> AsyncIterator[Task]:
         """For Python consumers: each snapshot as a Task, ending after the terminal one."""
         for event in self.take_initial():
-            yield Task.from_dict(event.task)
+            if event.kind == "task":
+                yield Task.from_dict(event.task)
         while not self.finished:
             await self.subscriber.wait()
             if self.subscriber.closed:

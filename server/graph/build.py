@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..jobs import INTERRUPTED, JobContext, JobFailed
+from ..manager import CANCELLED
 from ..models import TaskCancelled, TaskNotFoundError, TaskStateError, utcnow
 from ..retry import Retrier, RetryAborted, RetryEvent, RetryPolicy
 from .backends import BackendError, BatchState, GraphBackend, GraphNotFound
@@ -248,7 +249,7 @@ def run_build(
     try:
         result = build.run()
     except (_Stopped, RetryAborted) as exc:
-        reason = INTERRUPTED if ctx.cancelled.is_set() else SUPERSEDED
+        reason = INTERRUPTED if ctx.cancelled.is_set() else _ended_by(ctx)
         _mark_failed(build, reason)
         raise JobFailed(reason) from exc
     except JobFailed as exc:
@@ -263,7 +264,7 @@ def run_build(
     except ProjectNotFound as exc:
         raise JobFailed("the project was deleted during the build") from exc
     except TaskCancelled:
-        _mark_failed(build, "cancelled")
+        _mark_failed(build, CANCELLED)
         raise
     except Exception:
         _mark_failed(build, "internal error while building the graph")
@@ -272,6 +273,13 @@ def run_build(
         on_finish()
     logger.info("graph built", extra={"task_id": ctx.task_id, "project_id": spec.project_id, "graph_id": result["graph_id"]})
     return result
+
+
+def _ended_by(ctx: JobContext) -> str:
+    """Why the task was ended elsewhere: the cancel grace ran out (the server failed it "cancelled"),
+    else a forced rebuild superseded it."""
+    task = ctx.manager.get_task(ctx.task_id)
+    return CANCELLED if task is not None and task.error == CANCELLED else SUPERSEDED
 
 
 def _mark_failed(build: _Build, error: str) -> None:

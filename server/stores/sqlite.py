@@ -403,17 +403,17 @@ class SqliteStore(LocalStore):
         return counts
 
     def events(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        # The unwritten events first, then the disk: one the writer stores in between is then on disk
+        # (read second) or still in our copy, never in neither (read the other way round, it could be).
+        with self._lock:
+            pending = [e for e in self._pending_events.get(task_id, ()) if e[0] > after]
         rows = self._reader().execute(
             "SELECT version, body FROM events WHERE task_id = ? AND version > ? ORDER BY version LIMIT ?",
             (task_id, after, limit),
         ).fetchall()
-        out = [(int(v), b) for v, b in rows]
-        with self._lock:
-            pending = list(self._pending_events.get(task_id, ()))
-        last = out[-1][0] if out else after
-        if len(out) < limit:
-            out.extend(e for e in pending if e[0] > last)
-        return out[:limit]
+        merged = dict(pending)
+        merged.update((int(v), b) for v, b in rows)
+        return sorted(merged.items())[:limit]
 
     def live(self) -> list[Task]:
         with self._lock:
