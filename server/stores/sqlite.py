@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import fcntl
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import Task, TaskStatus
-from ..query import Page, TaskQuery, search_text
+from ..query import DEFAULT_PAGE, Page, TaskQuery, search_text, sort_key
 from . import Ack, Conflict, LocalStore
 
 __all__ = ["SqliteStore", "StoreLocked"]
@@ -47,12 +49,30 @@ CREATE TABLE IF NOT EXISTS tasks (
     version    INTEGER NOT NULL,
     body       TEXT NOT NULL,
     internal   TEXT NOT NULL,
-    search     TEXT NOT NULL
+    search     TEXT NOT NULL,
+    sid        INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at, task_id);
 CREATE INDEX IF NOT EXISTS tasks_by_updated ON tasks (updated_at, task_id);
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, created_at, task_id);
-CREATE INDEX IF NOT EXISTS tasks_by_type ON tasks (task_type, created_at, task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_status_updated ON tasks (status, updated_at, task_id);
+DROP INDEX IF EXISTS tasks_by_type;
+CREATE INDEX IF NOT EXISTS tasks_by_type_status ON tasks (task_type, status, created_at, task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_type_status_updated ON tasks (task_type, status, updated_at, task_id);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_sid ON tasks (sid);
+CREATE VIRTUAL TABLE IF NOT EXISTS tasks_fts USING fts5(
+    search, content='tasks', content_rowid='sid', tokenize='trigram', columnsize=0
+);
+CREATE TRIGGER IF NOT EXISTS tasks_fts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO tasks_fts (rowid, search) VALUES (new.sid, new.search);
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_fts_delete AFTER DELETE ON tasks BEGIN
+    INSERT INTO tasks_fts (tasks_fts, rowid, search) VALUES ('delete', old.sid, old.search);
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_fts_update AFTER UPDATE OF search ON tasks WHEN old.search IS NOT new.search BEGIN
+    INSERT INTO tasks_fts (tasks_fts, rowid, search) VALUES ('delete', old.sid, old.search);
+    INSERT INTO tasks_fts (rowid, search) VALUES (new.sid, new.search);
+END;
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -60,6 +80,27 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (task_id, version)
 ) WITHOUT ROWID;
 """
+# Search (issue 13): ``search`` holds the lower-cased text ``q`` looks in (query.search_text); the
+# FTS5 table ``tasks_fts`` indexes it by trigrams (substring search, any position) as external
+# content keyed by ``sid`` (a WITHOUT ROWID table has no rowid of its own: ``sid`` is a stable
+# integer handed out at insert). The triggers keep it in step inside whatever transaction writes
+# ``tasks`` (the writer's group commit, a migration); the update trigger skips changes that leave
+# the text as it was.
+_TRIGRAM = 3  # a q shorter than this cannot use the trigram index: a substring scan instead
+_RARE = 5000  # a trigram held by at most this many tasks makes the index worth driving a search
+_PROBES = 16  # trigrams of a long q probed at most (the first ones; any rare one will do)
+_STATUSES = [s.value for s in TaskStatus]
+
+
+def _fts_string(text: str) -> str:
+    """``text`` as one FTS5 string (a phrase of its trigrams)."""
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _above(prefix: str) -> str:
+    """Sorts after every task id that starts with ``prefix`` (ids are ASCII)."""
+    return prefix + "\U0010ffff"
+
 _LIVE = ("pending", "processing")
 _GROUP_MAX = 1024  # changes per transaction at most
 
@@ -79,10 +120,6 @@ def _task(body: str, internal: str) -> Task:
     data = json.loads(body)
     data.update(json.loads(internal))
     return Task.from_dict(data)
-
-
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class _Group(Ack):
@@ -158,6 +195,7 @@ class SqliteStore(LocalStore):
         self._local = threading.local()
         self._db = self._connect()
         self._migrate_v1()
+        self._upgrade_search()
         self._db.executescript(_SCHEMA)
         for body, internal in self._db.execute(
             "SELECT body, internal FROM tasks WHERE status IN ('pending', 'processing')"
@@ -204,20 +242,52 @@ class SqliteStore(LocalStore):
         if "seq" not in columns:
             return
         rows = self._db.execute("SELECT body FROM tasks ORDER BY seq").fetchall()
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("DROP TABLE tasks")
-        self._db.executescript(_SCHEMA.replace("CREATE TABLE IF NOT EXISTS events", "CREATE TABLE IF NOT EXISTS events_unused", 0))
-        for (body,) in rows:
-            task = Task.from_dict(json.loads(body))
-            self._db.execute(*self._upsert(task, json.dumps(task.to_dict(), ensure_ascii=False, separators=(",", ":"))))
-        self._db.execute("COMMIT")
+        # One transaction: executescript commits a pending transaction before it runs, so the BEGIN
+        # is the script's own first statement (the drop and the re-inserts commit together).
+        schema = _SCHEMA.replace("CREATE TABLE IF NOT EXISTS events", "CREATE TABLE IF NOT EXISTS events_unused", 1)
+        self._db.executescript("BEGIN IMMEDIATE;\nDROP TABLE tasks;\n" + schema)
+        try:
+            for (body,) in rows:
+                task = Task.from_dict(json.loads(body))
+                self._db.execute(*self._upsert(task, json.dumps(task.to_dict(), ensure_ascii=False, separators=(",", ":"))))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         logger.warning("sqlite store migrated to the v1.1 layout", extra={"tasks": len(rows)})
+
+    def _upgrade_search(self) -> None:
+        """A file written before search existed: give every task a ``sid``, build ``tasks_fts`` from
+        the stored ``search`` text (one transaction; later opens find the table and skip this)."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "tasks" not in tables or "tasks_fts" in tables:
+            return  # a new file (the schema makes everything) or already upgraded
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)").fetchall()}
+        script = "BEGIN IMMEDIATE;\n"
+        if "sid" not in columns:
+            script += (
+                "ALTER TABLE tasks ADD COLUMN sid INTEGER;\n"
+                "UPDATE tasks SET sid = numbered.n FROM (SELECT task_id,"
+                " row_number() OVER (ORDER BY created_at, task_id) AS n FROM tasks) AS numbered"
+                " WHERE tasks.task_id = numbered.task_id;\n"
+            )
+        script += _SCHEMA + "INSERT INTO tasks_fts (tasks_fts) VALUES ('rebuild');\nCOMMIT;\n"
+        try:
+            self._db.executescript(script)
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        (count,) = self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()
+        logger.warning("sqlite store: search index built", extra={"tasks": count})
 
     @staticmethod
     def _upsert(task: Task, body: str) -> tuple[str, tuple[Any, ...]]:
         return (
-            "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
+            # a new task's sid: one past the largest (an index lookup); an update keeps its sid
+            "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search, sid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(sid), 0) + 1 FROM tasks))"
+            " ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
             " updated_at=excluded.updated_at, version=excluded.version, body=excluded.body,"
             " internal=excluded.internal, search=excluded.search",
             (
@@ -280,10 +350,15 @@ class SqliteStore(LocalStore):
             error: BaseException | None = None
             touched: dict[str, int] = {}
             try:
+                # A task changed several times in one group is written to ``tasks`` once, at its last
+                # change (every version still goes to ``events``): a burst of progress reports costs
+                # one row and index update (and one trigram re-index), not one per report.
+                last_put = {item.task_id: k for k, (op, item, _b) in enumerate(batch) if op == "put"}
                 db.execute("BEGIN IMMEDIATE")
-                for op, item, body in batch:
+                for k, (op, item, body) in enumerate(batch):
                     if op == "put":
-                        db.execute(*self._upsert(item, body))
+                        if last_put[item.task_id] == k:
+                            db.execute(*self._upsert(item, body))
                         db.execute(
                             "INSERT OR REPLACE INTO events (task_id, version, body) VALUES (?, ?, ?)",
                             (item.task_id, item.version, body),
@@ -341,15 +416,26 @@ class SqliteStore(LocalStore):
             return self._latest.get(task_id)  # written and evicted between the two looks
         return _task(*row)
 
-    def _where(self, query: TaskQuery) -> tuple[list[str], list[Any]]:
+    # -- listing and counts: each filter and sort served by an index ----------------------------
+    #
+    # * One indexed query per status when the query names a task type or several statuses (indexes
+    #   (task_type, status, time, id) and (status, time, id)), each reading at most one page in index
+    #   order, merged here; else one query on (time, id) or (status, time, id). The keyset
+    #   ``(time, task_id) < (?, ?)`` is a range on the same index: a page costs its own size, not the
+    #   number of stored tasks.
+    # * q of 3+ characters: the trigram index is probed for how many tasks hold each of q's
+    #   trigrams (counting stops at _RARE). When one is rarer than that, the tasks holding q's two
+    #   rarest trigrams (at most _RARE, plus the task-id prefix: a primary-key range) are the
+    #   candidates; the other filters and the order apply to those only. When every trigram is
+    #   common, q matches many tasks: the index-ordered scan above with a substring test finds a
+    #   page quickly. Either way ``instr`` on the stored text keeps exactly what
+    #   ``TaskQuery.matches`` keeps. A q shorter than 3 cannot use trigrams: always the scan.
+
+    @staticmethod
+    def _filters(query: TaskQuery, *, alias: str = "") -> tuple[list[str], list[Any]]:
+        """The WHERE terms for the time ranges and q (status and task type are the caller's)."""
         where: list[str] = []
         args: list[Any] = []
-        if query.statuses is not None:
-            where.append(f"status IN ({', '.join('?' * len(query.statuses))})")
-            args.extend(sorted(s.value for s in query.statuses))
-        if query.task_type is not None:
-            where.append("task_type = ?")
-            args.append(query.task_type)
         for column, op, moment in (
             ("created_at", ">", query.created_after),
             ("created_at", "<", query.created_before),
@@ -357,49 +443,148 @@ class SqliteStore(LocalStore):
             ("updated_at", "<", query.updated_before),
         ):
             if moment is not None:
-                where.append(f"{column} {op} ?")
+                where.append(f"{alias}{column} {op} ?")
                 args.append(moment.astimezone(_UTC).isoformat(timespec="microseconds"))
         if query.q is not None:
-            where.append("(task_id LIKE ? ESCAPE '\\' OR search LIKE ? ESCAPE '\\')")
-            args.extend([_like(query.q) + "%", "%" + _like(query.q) + "%"])
+            where.append(f"(instr({alias}search, ?) > 0 OR ({alias}task_id >= ? AND {alias}task_id < ?))")
+            args.extend([query.q, query.q, _above(query.q)])
         return where, args
 
-    def list(self, query: TaskQuery) -> Page:
-        from ..query import DEFAULT_PAGE
+    def _rare_match(self, q: str) -> str | None:
+        """An FTS5 query for the candidates of q (a superset, at most _RARE tasks), or None when
+        every trigram of q is common (or q is too short for trigrams)."""
+        if len(q) < _TRIGRAM:
+            return None
+        db = self._reader()
+        grams = list(dict.fromkeys(q[i : i + _TRIGRAM] for i in range(len(q) - _TRIGRAM + 1)))[:_PROBES]
+        seen: list[tuple[int, str]] = []
+        for gram in grams:
+            term = _fts_string(gram)
+            (n,) = db.execute(
+                "SELECT COUNT(*) FROM (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ? LIMIT ?)", (term, _RARE + 1)
+            ).fetchone()
+            if n == 0:
+                return term  # no task holds this trigram: no text match at all
+            seen.append((n, term))
+        seen.sort()
+        if seen[0][0] > _RARE:
+            return None
+        return " AND ".join(term for _n, term in seen[:2])
 
-        limit = query.limit or DEFAULT_PAGE
-        where, args = self._where(query)
+    @staticmethod
+    def _hits(q: str, match: str) -> tuple[str, list[Any]]:
+        sql = (
+            "WITH hits (sid) AS MATERIALIZED (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?"
+            " UNION SELECT sid FROM tasks WHERE task_id >= ? AND task_id < ?) "
+        )
+        return sql, [match, q, _above(q)]
+
+    def _select(self, query: TaskQuery, match: str | None, after: tuple[str, str] | None, n: int) -> list[tuple[str, str, str, str]]:
+        """Up to ``n`` rows (body, internal, sort time, task_id) after ``after``, in the query's order."""
         column = "created_at" if query.sort.endswith("created") else "updated_at"
         order = "DESC" if query.descending else "ASC"
-        if query.after is not None:
-            where.append(f"({column}, task_id) {'<' if query.descending else '>'} (?, ?)")
-            args.extend(query.after)
-        sql = "SELECT body, internal FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {column} {order}, task_id {order} LIMIT ?"
-        args.append(limit + 1)
-        rows = self._reader().execute(sql, args).fetchall()
-        tasks = []
-        for body, internal in rows:
-            task = _task(body, internal)
-            newer = self._latest.get(task.task_id)
-            if newer is not None and newer.version > task.version:
-                if not query.matches(newer):
-                    continue
-                task = newer
-            tasks.append(task)
+        before = "<" if query.descending else ">"
+        db = self._reader()
+        if match is not None:
+            assert query.q is not None
+            cte, args = self._hits(query.q, match)
+            where, more = self._filters(query, alias="t.")
+            args += more
+            if query.statuses is not None:
+                where.append(f"t.status IN ({', '.join('?' * len(query.statuses))})")
+                args.extend(sorted(s.value for s in query.statuses))
+            if query.task_type is not None:
+                where.append("t.task_type = ?")
+                args.append(query.task_type)
+            if after is not None:
+                where.append(f"(t.{column}, t.task_id) {before} (?, ?)")
+                args.extend(after)
+            sql = (
+                cte + f"SELECT t.body, t.internal, t.{column}, t.task_id FROM hits CROSS JOIN tasks AS t ON t.sid = hits.sid"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + f" ORDER BY t.{column} {order}, t.task_id {order} LIMIT ?"
+            )
+            return db.execute(sql, [*args, n]).fetchall()
+        base, base_args = self._filters(query)
+        if after is not None:
+            base = [*base, f"({column}, task_id) {before} (?, ?)"]
+            base_args = [*base_args, *after]
+        results = []
+        for terms, values in self._by_status(query):
+            where = [*terms, *base]
+            sql = (
+                f"SELECT body, internal, {column}, task_id FROM tasks"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + f" ORDER BY {column} {order}, task_id {order} LIMIT ?"
+            )
+            results.append(db.execute(sql, [*values, *base_args, n]).fetchall())
+        if len(results) == 1:
+            return results[0]
+        merged = heapq.merge(*results, key=lambda row: (row[2], row[3]), reverse=query.descending)
+        return list(itertools.islice(merged, n))
+
+    @staticmethod
+    def _by_status(query: TaskQuery) -> list[tuple[list[str], list[Any]]]:
+        """The (terms, args) of each per-status part of a query; one part when no split pays."""
+        statuses = sorted(s.value for s in query.statuses) if query.statuses is not None else None
+        if query.task_type is not None:
+            return [(["task_type = ?", "status = ?"], [query.task_type, s]) for s in statuses or _STATUSES]
+        if statuses is not None:
+            return [(["status = ?"], [s]) for s in statuses]
+        return [([], [])]
+
+    def list(self, query: TaskQuery) -> Page:
+        limit = query.limit or DEFAULT_PAGE
+        match = self._rare_match(query.q) if query.q is not None else None
+        tasks: list[Task] = []
+        after = query.after
+        while True:
+            want = limit + 1 - len(tasks)
+            rows = self._select(query, match, after, want)
+            for body, internal, _moment, _task_id in rows:
+                task = _task(body, internal)
+                # a change not yet written wins; it may have left the filter meanwhile
+                newer = self._latest.get(task.task_id)
+                if newer is not None and newer.version > task.version:
+                    if not query.matches(newer):
+                        continue
+                    task = newer
+                tasks.append(task)
+            if len(rows) < want or len(tasks) > limit:
+                break
+            after = (rows[-1][2], rows[-1][3])  # some rows were dropped: read on past them
+        tasks.sort(key=lambda t: sort_key(t, query.sort), reverse=query.descending)
         return query.page(tasks, limit)
 
     def counts(self, query: TaskQuery) -> dict[TaskStatus, int]:
-        where, args = self._where(query)
-        sql = "SELECT status, COUNT(*) FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " GROUP BY status"
         counts = dict.fromkeys(TaskStatus, 0)
-        for status, count in self._reader().execute(sql, args).fetchall():
-            counts[TaskStatus(status)] = count
+        db = self._reader()
+        if query.q is not None and len(query.q) >= _TRIGRAM:
+            # every match must be counted: the candidates of the rare trigrams, else the phrase
+            match = self._rare_match(query.q) or _fts_string(query.q)
+            sql, args = self._hits(query.q, match)
+            where, more = self._filters(query, alias="t.")
+            args += more
+            if query.task_type is not None:
+                where.append("t.task_type = ?")
+                args.append(query.task_type)
+            if query.statuses is not None:
+                where.append(f"t.status IN ({', '.join('?' * len(query.statuses))})")
+                args.extend(sorted(s.value for s in query.statuses))
+            sql += "SELECT t.status, COUNT(*) FROM hits CROSS JOIN tasks AS t ON t.sid = hits.sid"
+            sql += (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY t.status"
+            for status, count in db.execute(sql, args).fetchall():
+                counts[TaskStatus(status)] = count
+            return counts
+        # one index range count per status (faster than a GROUP BY over the whole index)
+        base, base_args = self._filters(query)
+        chosen = sorted(s.value for s in query.statuses) if query.statuses is not None else _STATUSES
+        for status in chosen:
+            terms, values = ["status = ?"], [status]
+            if query.task_type is not None:
+                terms, values = ["task_type = ?", "status = ?"], [query.task_type, status]
+            sql = "SELECT COUNT(*) FROM tasks WHERE " + " AND ".join([*terms, *base])
+            (counts[TaskStatus(status)],) = db.execute(sql, [*values, *base_args]).fetchone()
         return counts
 
     def events(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
