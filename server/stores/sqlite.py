@@ -534,27 +534,42 @@ class SqliteStore(LocalStore):
         return [([], [])]
 
     def list(self, query: TaskQuery) -> Page:
+        """One page of the stored rows with the changes not written yet laid over them.
+
+        A row whose task has an unwritten change is left out; the change itself (which may sit
+        elsewhere in the order, or outside the filter) competes with the rows up to the last one
+        read, so a page never ends past a row it did not see."""
         limit = query.limit or DEFAULT_PAGE
         match = self._rare_match(query.q) if query.q is not None else None
+        with self._lock:  # taken before the read: a change is either here or already in the rows
+            unwritten = {i: self._latest[i] for i in self._unflushed if i in self._latest}
         tasks: list[Task] = []
         after = query.after
+        end: tuple[str, str] | None = None  # the last row read, when more rows may follow
         while True:
             want = limit + 1 - len(tasks)
             rows = self._select(query, match, after, want)
             for body, internal, _moment, _task_id in rows:
                 task = _task(body, internal)
-                # a change not yet written wins; it may have left the filter meanwhile
-                newer = self._latest.get(task.task_id)
+                newer = unwritten.get(task.task_id)
                 if newer is not None and newer.version > task.version:
-                    if not query.matches(newer):
-                        continue
-                    task = newer
+                    continue
                 tasks.append(task)
-            if len(rows) < want or len(tasks) > limit:
+            if len(rows) < want:
+                end = None
                 break
-            after = (rows[-1][2], rows[-1][3])  # some rows were dropped: read on past them
+            end = after = (rows[-1][2], rows[-1][3])
+            if len(tasks) > limit:
+                break
+        have = {t.task_id for t in tasks}
+        for task in unwritten.values():
+            if task.task_id in have or not (query.matches(task) and query.past_cursor(task)):
+                continue
+            key = sort_key(task, query.sort)
+            if end is None or (key <= end if not query.descending else key >= end):
+                tasks.append(task)
         tasks.sort(key=lambda t: sort_key(t, query.sort), reverse=query.descending)
-        return query.page(tasks, limit)
+        return query.page(tasks[: limit + 1], limit)
 
     def counts(self, query: TaskQuery) -> dict[TaskStatus, int]:
         counts = dict.fromkeys(TaskStatus, 0)
