@@ -8,7 +8,6 @@ import json
 import httpx
 import pytest
 from httpx_sse import ServerSentEvent
-
 from test_api import assert_error, create
 from test_streams import collect, serving
 
@@ -186,16 +185,15 @@ async def test_stream_cursor_and_follow_errors_are_400(live_server, settings):
 
 async def test_sqlite_listing_over_http(settings, tmp_path):
     """The same parameters served by the sqlite store through the app."""
-    from server.app import create_app
-
     from conftest import running
 
+    from server.app import create_app
+
     app = create_app(settings.with_changes(store_url=f"sqlite:///{tmp_path}/q.db"))
-    async with running(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            a = await create(client, "import_csv", metadata={"customer": "Acme-0042"})
-            await create(client, "resize")
-            body = (await client.get("/api/graph/tasks", params={"q": "acme-0042", "status": "pending"})).json()
-            assert [t["task_id"] for t in body["data"]] == [a["task_id"]]
-            counts = (await client.get("/api/tasks/counts", params={"q": "acme", "status": "failed"})).json()["data"]
-            assert counts == {"pending": 1, "processing": 0, "completed": 0, "failed": 0}
+    async with running(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        a = await create(client, "import_csv", metadata={"customer": "Acme-0042"})
+        await create(client, "resize")
+        body = (await client.get("/api/graph/tasks", params={"q": "acme-0042", "status": "pending"})).json()
+        assert [t["task_id"] for t in body["data"]] == [a["task_id"]]
+        counts = (await client.get("/api/tasks/counts", params={"q": "acme", "status": "failed"})).json()["data"]
+        assert counts == {"pending": 1, "processing": 0, "completed": 0, "failed": 0}

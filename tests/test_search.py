@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FakeClock
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -27,8 +28,6 @@ from server.models import Task, TaskStatus
 from server.query import DEFAULT_PAGE, SORTS, TaskQuery
 from server.stores import open_store
 from server.stores.sqlite import SqliteStore
-
-from conftest import FakeClock
 
 # backend name -> store URL in a scratch directory (a "redis" entry joins here once that store exists)
 STORE_URLS: dict[str, Callable[[Path], str]] = {
@@ -242,7 +241,7 @@ def test_paging_by_update_visits_each_unchanged_task_once(backend, sort):
 
 
 def test_a_listing_without_limit_is_one_page_of_the_default_size(backend):
-    store, manager, clock = backend
+    store, manager, _clock = backend
     for _ in range(DEFAULT_PAGE + 3):
         manager.create_task("bulk")
     settle(store)
@@ -259,7 +258,7 @@ def _sqlite(tmp_path: Path) -> SqliteStore:
     return SqliteStore(tmp_path / "s.db")
 
 
-def test_sqlite_search_index_follows_updates_and_removal(tmp_path):
+def test_sqlite_search_index_and_counts_follow_updates_and_removal(tmp_path):
     store = _sqlite(tmp_path)
     try:
         clock = FakeClock(BASE)
@@ -273,8 +272,10 @@ def test_sqlite_search_index_follows_updates_and_removal(tmp_path):
         settle(store)
         assert store.list(TaskQuery(q="sheet seven")).tasks == []  # the old text left the index
         assert [t.task_id for t in store.list(TaskQuery(q="globex")).tasks] == [task.task_id]
+        assert store.counts(TaskQuery())[TaskStatus.COMPLETED] == 1
         store.remove([done])
         assert store.list(TaskQuery(q="globex")).tasks == []
+        assert store.counts(TaskQuery()) == dict.fromkeys(TaskStatus, 0)
         db = sqlite3.connect(tmp_path / "s.db")
         db.execute("INSERT INTO tasks_fts (tasks_fts, rank) VALUES ('integrity-check', 1)")  # raises when out of step
         db.close()
@@ -282,7 +283,7 @@ def test_sqlite_search_index_follows_updates_and_removal(tmp_path):
         store.close()
 
 
-def test_sqlite_file_without_search_index_is_upgraded_at_open(tmp_path):
+def test_sqlite_file_without_search_index_or_counts_is_upgraded_at_open(tmp_path):
     store = _sqlite(tmp_path)
     manager = TaskManager(store, None, clock=FakeClock(BASE))
     old = [manager.create_task("import_csv", {"customer": f"Initech-{i}"}) for i in range(5)]
@@ -294,6 +295,8 @@ def test_sqlite_file_without_search_index_is_upgraded_at_open(tmp_path):
     db.executescript(
         "DROP TRIGGER tasks_fts_insert; DROP TRIGGER tasks_fts_update; DROP TRIGGER tasks_fts_delete;"
         " DROP TABLE tasks_fts; DROP INDEX tasks_by_sid; ALTER TABLE tasks DROP COLUMN sid;"
+        " DROP TRIGGER task_counts_insert; DROP TRIGGER task_counts_update; DROP TRIGGER task_counts_delete;"
+        " DROP TABLE task_counts;"
     )
     db.close()
 
@@ -306,6 +309,8 @@ def test_sqlite_file_without_search_index_is_upgraded_at_open(tmp_path):
         assert found == [t.task_id for t in old] + [new.task_id]
         sids = sqlite3.connect(tmp_path / "s.db").execute("SELECT COUNT(DISTINCT sid), COUNT(*) FROM tasks").fetchone()
         assert sids == (6, 6)
+        assert store.counts(TaskQuery()) == {TaskStatus.PENDING: 1, TaskStatus.PROCESSING: 0, TaskStatus.COMPLETED: 5, TaskStatus.FAILED: 0}
+        assert store.counts(TaskQuery(task_type="import_csv"))[TaskStatus.COMPLETED] == 5
     finally:
         store.close()
 

@@ -73,6 +73,26 @@ CREATE TRIGGER IF NOT EXISTS tasks_fts_update AFTER UPDATE OF search ON tasks WH
     INSERT INTO tasks_fts (tasks_fts, rowid, search) VALUES ('delete', old.sid, old.search);
     INSERT INTO tasks_fts (rowid, search) VALUES (new.sid, new.search);
 END;
+CREATE TABLE IF NOT EXISTS task_counts (
+    task_type TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    n         INTEGER NOT NULL,
+    PRIMARY KEY (task_type, status)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS task_counts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_counts (task_type, status, n) VALUES (new.task_type, new.status, 1)
+        ON CONFLICT (task_type, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS task_counts_delete AFTER DELETE ON tasks BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE task_type = old.task_type AND status = old.status;
+    DELETE FROM task_counts WHERE task_type = old.task_type AND status = old.status AND n <= 0;
+END;
+CREATE TRIGGER IF NOT EXISTS task_counts_update AFTER UPDATE OF status ON tasks WHEN old.status IS NOT new.status BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE task_type = old.task_type AND status = old.status;
+    DELETE FROM task_counts WHERE task_type = old.task_type AND status = old.status AND n <= 0;
+    INSERT INTO task_counts (task_type, status, n) VALUES (new.task_type, new.status, 1)
+        ON CONFLICT (task_type, status) DO UPDATE SET n = n + 1;
+END;
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -85,7 +105,8 @@ CREATE TABLE IF NOT EXISTS events (
 # content keyed by ``sid`` (a WITHOUT ROWID table has no rowid of its own: ``sid`` is a stable
 # integer handed out at insert). The triggers keep it in step inside whatever transaction writes
 # ``tasks`` (the writer's group commit, a migration); the update trigger skips changes that leave
-# the text as it was.
+# the text as it was. ``task_counts`` (tasks per type and status, kept by triggers too) answers the
+# counts of a query without q or time range in a few rows, however many tasks are stored.
 _TRIGRAM = 3  # a q shorter than this cannot use the trigram index: a substring scan instead
 _RARE = 5000  # a trigram held by at most this many tasks makes the index worth driving a search
 _PROBES = 16  # trigrams of a long q probed at most (the first ones; any rare one will do)
@@ -258,9 +279,10 @@ class SqliteStore(LocalStore):
 
     def _upgrade_search(self) -> None:
         """A file written before search existed: give every task a ``sid``, build ``tasks_fts`` from
-        the stored ``search`` text (one transaction; later opens find the table and skip this)."""
+        the stored ``search`` text and ``task_counts`` from the rows (one transaction; later opens
+        find both tables and skip this)."""
         tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "tasks" not in tables or "tasks_fts" in tables:
+        if "tasks" not in tables or {"tasks_fts", "task_counts"} <= tables:
             return  # a new file (the schema makes everything) or already upgraded
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)").fetchall()}
         script = "BEGIN IMMEDIATE;\n"
@@ -271,20 +293,24 @@ class SqliteStore(LocalStore):
                 " row_number() OVER (ORDER BY created_at, task_id) AS n FROM tasks) AS numbered"
                 " WHERE tasks.task_id = numbered.task_id;\n"
             )
-        script += _SCHEMA + "INSERT INTO tasks_fts (tasks_fts) VALUES ('rebuild');\nCOMMIT;\n"
+        script += _SCHEMA
+        if "tasks_fts" not in tables:
+            script += "INSERT INTO tasks_fts (tasks_fts) VALUES ('rebuild');\n"
+        if "task_counts" not in tables:
+            script += "INSERT INTO task_counts SELECT task_type, status, COUNT(*) FROM tasks GROUP BY task_type, status;\n"
         try:
-            self._db.executescript(script)
+            self._db.executescript(script + "COMMIT;\n")
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
         (count,) = self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()
-        logger.warning("sqlite store: search index built", extra={"tasks": count})
+        logger.warning("sqlite store: search index and counts built", extra={"tasks": count})
 
     @staticmethod
     def _upsert(task: Task, body: str) -> tuple[str, tuple[Any, ...]]:
+        # a new task's sid: one past the largest (an index lookup); an update keeps its sid
         return (
-            # a new task's sid: one past the largest (an index lookup); an update keeps its sid
             "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search, sid)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(sid), 0) + 1 FROM tasks))"
             " ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
@@ -591,9 +617,18 @@ class SqliteStore(LocalStore):
             for status, count in db.execute(sql, args).fetchall():
                 counts[TaskStatus(status)] = count
             return counts
-        # one index range count per status (faster than a GROUP BY over the whole index)
         base, base_args = self._filters(query)
         chosen = sorted(s.value for s in query.statuses) if query.statuses is not None else _STATUSES
+        if not base:  # only status and type: the kept counts
+            sql = "SELECT status, SUM(n) FROM task_counts"
+            if query.task_type is not None:
+                sql += " WHERE task_type = ?"
+            kept = db.execute(sql + " GROUP BY status", [query.task_type] if query.task_type is not None else [])
+            for status, count in kept.fetchall():
+                if status in chosen:
+                    counts[TaskStatus(status)] = count
+            return counts
+        # one index range count per status (faster than a GROUP BY over the whole index)
         for status in chosen:
             terms, values = ["status = ?"], [status]
             if query.task_type is not None:
