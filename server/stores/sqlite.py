@@ -453,9 +453,11 @@ class SqliteStore(LocalStore):
     #   trigrams (counting stops at _RARE). When one is rarer than that, the tasks holding q's two
     #   rarest trigrams (at most _RARE, plus the task-id prefix: a primary-key range) are the
     #   candidates; the other filters and the order apply to those only. When every trigram is
-    #   common, q matches many tasks: the index-ordered scan above with a substring test finds a
-    #   page quickly. Either way ``instr`` on the stored text keeps exactly what
-    #   ``TaskQuery.matches`` keeps. A q shorter than 3 cannot use trigrams: always the scan.
+    #   common (or so common that a scan pays, ``_search_plan``), q matches many tasks: the
+    #   index-ordered scan above with a substring test finds a page quickly. Either way ``instr``
+    #   on the stored text keeps exactly what ``TaskQuery.matches`` keeps. A q shorter than 3
+    #   cannot use trigrams: always the scan. Counts must see every match: candidates, or the
+    #   phrase when no trigram is rare (cost: the number of matches).
 
     @staticmethod
     def _filters(query: TaskQuery, *, alias: str = "") -> tuple[list[str], list[Any]]:
@@ -476,11 +478,11 @@ class SqliteStore(LocalStore):
             args.extend([query.q, query.q, _above(query.q)])
         return where, args
 
-    def _rare_match(self, q: str) -> str | None:
-        """An FTS5 query for the candidates of q (a superset, at most _RARE tasks), or None when
-        every trigram of q is common (or q is too short for trigrams)."""
+    def _rare_match(self, q: str) -> tuple[str | None, int]:
+        """An FTS5 query for the candidates of q (a superset, at most _RARE tasks) and how many
+        tasks hold its rarest trigram; None when every trigram of q is common (or q is too short)."""
         if len(q) < _TRIGRAM:
-            return None
+            return None, 0
         db = self._reader()
         grams = list(dict.fromkeys(q[i : i + _TRIGRAM] for i in range(len(q) - _TRIGRAM + 1)))[:_PROBES]
         seen: list[tuple[int, str]] = []
@@ -490,12 +492,24 @@ class SqliteStore(LocalStore):
                 "SELECT COUNT(*) FROM (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ? LIMIT ?)", (term, _RARE + 1)
             ).fetchone()
             if n == 0:
-                return term  # no task holds this trigram: no text match at all
+                return term, 0  # no task holds this trigram: no text match at all
             seen.append((n, term))
         seen.sort()
         if seen[0][0] > _RARE:
-            return None
-        return " AND ".join(term for _n, term in seen[:2])
+            return None, seen[0][0]
+        return " AND ".join(term for _n, term in seen[:2]), seen[0][0]
+
+    def _search_plan(self, q: str, limit: int) -> str | None:
+        """The candidates' FTS5 query for a listing, or None to scan in index order instead.
+
+        Candidates cost about ``m`` (tasks holding q's rarest trigram); a scan finds a page after
+        about ``limit * total / m`` rows if matches are spread evenly. Candidates are preferred
+        (their cost is bounded by _RARE; a scan's is not when matches are fewer than ``m`` says)."""
+        match, m = self._rare_match(q)
+        if match is None or m == 0:
+            return match
+        (total,) = self._reader().execute("SELECT COALESCE(SUM(n), 0) FROM task_counts").fetchone()
+        return None if m * m > 4 * (limit + 1) * total else match
 
     @staticmethod
     def _hits(q: str, match: str) -> tuple[str, list[Any]]:
@@ -566,7 +580,7 @@ class SqliteStore(LocalStore):
         elsewhere in the order, or outside the filter) competes with the rows up to the last one
         read, so a page never ends past a row it did not see."""
         limit = query.limit or DEFAULT_PAGE
-        match = self._rare_match(query.q) if query.q is not None else None
+        match = self._search_plan(query.q, limit) if query.q is not None else None
         with self._lock:  # taken before the read: a change is either here or already in the rows
             unwritten = {i: self._latest[i] for i in self._unflushed if i in self._latest}
         tasks: list[Task] = []
@@ -602,7 +616,7 @@ class SqliteStore(LocalStore):
         db = self._reader()
         if query.q is not None and len(query.q) >= _TRIGRAM:
             # every match must be counted: the candidates of the rare trigrams, else the phrase
-            match = self._rare_match(query.q) or _fts_string(query.q)
+            match = self._rare_match(query.q)[0] or _fts_string(query.q)
             sql, args = self._hits(query.q, match)
             where, more = self._filters(query, alias="t.")
             args += more
