@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import fcntl
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import Task, TaskStatus
-from ..query import Page, TaskQuery, search_text
+from ..query import DEFAULT_PAGE, Page, TaskQuery, search_text, sort_key
 from . import Ack, Conflict, LocalStore
 
 __all__ = ["SqliteStore", "StoreLocked"]
@@ -47,12 +49,50 @@ CREATE TABLE IF NOT EXISTS tasks (
     version    INTEGER NOT NULL,
     body       TEXT NOT NULL,
     internal   TEXT NOT NULL,
-    search     TEXT NOT NULL
+    search     TEXT NOT NULL,
+    sid        INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at, task_id);
 CREATE INDEX IF NOT EXISTS tasks_by_updated ON tasks (updated_at, task_id);
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, created_at, task_id);
-CREATE INDEX IF NOT EXISTS tasks_by_type ON tasks (task_type, created_at, task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_status_updated ON tasks (status, updated_at, task_id);
+DROP INDEX IF EXISTS tasks_by_type;
+CREATE INDEX IF NOT EXISTS tasks_by_type_status ON tasks (task_type, status, created_at, task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_type_status_updated ON tasks (task_type, status, updated_at, task_id);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_sid ON tasks (sid);
+CREATE VIRTUAL TABLE IF NOT EXISTS tasks_fts USING fts5(
+    search, content='tasks', content_rowid='sid', tokenize='trigram', columnsize=0
+);
+CREATE TRIGGER IF NOT EXISTS tasks_fts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO tasks_fts (rowid, search) VALUES (new.sid, new.search);
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_fts_delete AFTER DELETE ON tasks BEGIN
+    INSERT INTO tasks_fts (tasks_fts, rowid, search) VALUES ('delete', old.sid, old.search);
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_fts_update AFTER UPDATE OF search ON tasks WHEN old.search IS NOT new.search BEGIN
+    INSERT INTO tasks_fts (tasks_fts, rowid, search) VALUES ('delete', old.sid, old.search);
+    INSERT INTO tasks_fts (rowid, search) VALUES (new.sid, new.search);
+END;
+CREATE TABLE IF NOT EXISTS task_counts (
+    task_type TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    n         INTEGER NOT NULL,
+    PRIMARY KEY (task_type, status)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS task_counts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_counts (task_type, status, n) VALUES (new.task_type, new.status, 1)
+        ON CONFLICT (task_type, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS task_counts_delete AFTER DELETE ON tasks BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE task_type = old.task_type AND status = old.status;
+    DELETE FROM task_counts WHERE task_type = old.task_type AND status = old.status AND n <= 0;
+END;
+CREATE TRIGGER IF NOT EXISTS task_counts_update AFTER UPDATE OF status ON tasks WHEN old.status IS NOT new.status BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE task_type = old.task_type AND status = old.status;
+    DELETE FROM task_counts WHERE task_type = old.task_type AND status = old.status AND n <= 0;
+    INSERT INTO task_counts (task_type, status, n) VALUES (new.task_type, new.status, 1)
+        ON CONFLICT (task_type, status) DO UPDATE SET n = n + 1;
+END;
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -60,6 +100,28 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (task_id, version)
 ) WITHOUT ROWID;
 """
+# Search (issue 13): ``search`` holds the lower-cased text ``q`` looks in (query.search_text); the
+# FTS5 table ``tasks_fts`` indexes it by trigrams (substring search, any position) as external
+# content keyed by ``sid`` (a WITHOUT ROWID table has no rowid of its own: ``sid`` is a stable
+# integer handed out at insert). The triggers keep it in step inside whatever transaction writes
+# ``tasks`` (the writer's group commit, a migration); the update trigger skips changes that leave
+# the text as it was. ``task_counts`` (tasks per type and status, kept by triggers too) answers the
+# counts of a query without q or time range in a few rows, however many tasks are stored.
+_TRIGRAM = 3  # a q shorter than this cannot use the trigram index: a substring scan instead
+_RARE = 5000  # a trigram held by at most this many tasks makes the index worth driving a search
+_PROBES = 16  # trigrams of a long q probed at most (the first ones; any rare one will do)
+_STATUSES = [s.value for s in TaskStatus]
+
+
+def _fts_string(text: str) -> str:
+    """``text`` as one FTS5 string (a phrase of its trigrams)."""
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _above(prefix: str) -> str:
+    """Sorts after every task id that starts with ``prefix`` (ids are ASCII)."""
+    return prefix + "\U0010ffff"
+
 _LIVE = ("pending", "processing")
 _GROUP_MAX = 1024  # changes per transaction at most
 
@@ -79,10 +141,6 @@ def _task(body: str, internal: str) -> Task:
     data = json.loads(body)
     data.update(json.loads(internal))
     return Task.from_dict(data)
-
-
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class _Group(Ack):
@@ -158,6 +216,7 @@ class SqliteStore(LocalStore):
         self._local = threading.local()
         self._db = self._connect()
         self._migrate_v1()
+        self._upgrade_search()
         self._db.executescript(_SCHEMA)
         for body, internal in self._db.execute(
             "SELECT body, internal FROM tasks WHERE status IN ('pending', 'processing')"
@@ -204,20 +263,57 @@ class SqliteStore(LocalStore):
         if "seq" not in columns:
             return
         rows = self._db.execute("SELECT body FROM tasks ORDER BY seq").fetchall()
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("DROP TABLE tasks")
-        self._db.executescript(_SCHEMA.replace("CREATE TABLE IF NOT EXISTS events", "CREATE TABLE IF NOT EXISTS events_unused", 0))
-        for (body,) in rows:
-            task = Task.from_dict(json.loads(body))
-            self._db.execute(*self._upsert(task, json.dumps(task.to_dict(), ensure_ascii=False, separators=(",", ":"))))
-        self._db.execute("COMMIT")
+        # One transaction: executescript commits a pending transaction before it runs, so the BEGIN
+        # is the script's own first statement (the drop and the re-inserts commit together).
+        schema = _SCHEMA.replace("CREATE TABLE IF NOT EXISTS events", "CREATE TABLE IF NOT EXISTS events_unused", 1)
+        self._db.executescript("BEGIN IMMEDIATE;\nDROP TABLE tasks;\n" + schema)
+        try:
+            for (body,) in rows:
+                task = Task.from_dict(json.loads(body))
+                self._db.execute(*self._upsert(task, json.dumps(task.to_dict(), ensure_ascii=False, separators=(",", ":"))))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         logger.warning("sqlite store migrated to the v1.1 layout", extra={"tasks": len(rows)})
+
+    def _upgrade_search(self) -> None:
+        """A file written before search existed: give every task a ``sid``, build ``tasks_fts`` from
+        the stored ``search`` text and ``task_counts`` from the rows (one transaction; later opens
+        find both tables and skip this)."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "tasks" not in tables or {"tasks_fts", "task_counts"} <= tables:
+            return  # a new file (the schema makes everything) or already upgraded
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)").fetchall()}
+        script = "BEGIN IMMEDIATE;\n"
+        if "sid" not in columns:
+            script += (
+                "ALTER TABLE tasks ADD COLUMN sid INTEGER;\n"
+                "UPDATE tasks SET sid = numbered.n FROM (SELECT task_id,"
+                " row_number() OVER (ORDER BY created_at, task_id) AS n FROM tasks) AS numbered"
+                " WHERE tasks.task_id = numbered.task_id;\n"
+            )
+        script += _SCHEMA
+        if "tasks_fts" not in tables:
+            script += "INSERT INTO tasks_fts (tasks_fts) VALUES ('rebuild');\n"
+        if "task_counts" not in tables:
+            script += "INSERT INTO task_counts SELECT task_type, status, COUNT(*) FROM tasks GROUP BY task_type, status;\n"
+        try:
+            self._db.executescript(script + "COMMIT;\n")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        (count,) = self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()
+        logger.warning("sqlite store: search index and counts built", extra={"tasks": count})
 
     @staticmethod
     def _upsert(task: Task, body: str) -> tuple[str, tuple[Any, ...]]:
+        # a new task's sid: one past the largest (an index lookup); an update keeps its sid
         return (
-            "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
+            "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search, sid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(sid), 0) + 1 FROM tasks))"
+            " ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
             " updated_at=excluded.updated_at, version=excluded.version, body=excluded.body,"
             " internal=excluded.internal, search=excluded.search",
             (
@@ -280,10 +376,15 @@ class SqliteStore(LocalStore):
             error: BaseException | None = None
             touched: dict[str, int] = {}
             try:
+                # A task changed several times in one group is written to ``tasks`` once, at its last
+                # change (every version still goes to ``events``): a burst of progress reports costs
+                # one row and index update (and one trigram re-index), not one per report.
+                last_put = {item.task_id: k for k, (op, item, _b) in enumerate(batch) if op == "put"}
                 db.execute("BEGIN IMMEDIATE")
-                for op, item, body in batch:
+                for k, (op, item, body) in enumerate(batch):
                     if op == "put":
-                        db.execute(*self._upsert(item, body))
+                        if last_put[item.task_id] == k:
+                            db.execute(*self._upsert(item, body))
                         db.execute(
                             "INSERT OR REPLACE INTO events (task_id, version, body) VALUES (?, ?, ?)",
                             (item.task_id, item.version, body),
@@ -341,15 +442,28 @@ class SqliteStore(LocalStore):
             return self._latest.get(task_id)  # written and evicted between the two looks
         return _task(*row)
 
-    def _where(self, query: TaskQuery) -> tuple[list[str], list[Any]]:
+    # -- listing and counts: each filter and sort served by an index ----------------------------
+    #
+    # * One indexed query per status when the query names a task type or several statuses (indexes
+    #   (task_type, status, time, id) and (status, time, id)), each reading at most one page in index
+    #   order, merged here; else one query on (time, id) or (status, time, id). The keyset
+    #   ``(time, task_id) < (?, ?)`` is a range on the same index: a page costs its own size, not the
+    #   number of stored tasks.
+    # * q of 3+ characters: the trigram index is probed for how many tasks hold each of q's
+    #   trigrams (counting stops at _RARE). When one is rarer than that, the tasks holding q's two
+    #   rarest trigrams (at most _RARE, plus the task-id prefix: a primary-key range) are the
+    #   candidates; the other filters and the order apply to those only. When every trigram is
+    #   common (or so common that a scan pays, ``_search_plan``), q matches many tasks: the
+    #   index-ordered scan above with a substring test finds a page quickly. Either way ``instr``
+    #   on the stored text keeps exactly what ``TaskQuery.matches`` keeps. A q shorter than 3
+    #   cannot use trigrams: always the scan. Counts must see every match: candidates, or the
+    #   phrase when no trigram is rare (cost: the number of matches).
+
+    @staticmethod
+    def _filters(query: TaskQuery, *, alias: str = "") -> tuple[list[str], list[Any]]:
+        """The WHERE terms for the time ranges and q (status and task type are the caller's)."""
         where: list[str] = []
         args: list[Any] = []
-        if query.statuses is not None:
-            where.append(f"status IN ({', '.join('?' * len(query.statuses))})")
-            args.extend(sorted(s.value for s in query.statuses))
-        if query.task_type is not None:
-            where.append("task_type = ?")
-            args.append(query.task_type)
         for column, op, moment in (
             ("created_at", ">", query.created_after),
             ("created_at", "<", query.created_before),
@@ -357,49 +471,184 @@ class SqliteStore(LocalStore):
             ("updated_at", "<", query.updated_before),
         ):
             if moment is not None:
-                where.append(f"{column} {op} ?")
+                where.append(f"{alias}{column} {op} ?")
                 args.append(moment.astimezone(_UTC).isoformat(timespec="microseconds"))
         if query.q is not None:
-            where.append("(task_id LIKE ? ESCAPE '\\' OR search LIKE ? ESCAPE '\\')")
-            args.extend([_like(query.q) + "%", "%" + _like(query.q) + "%"])
+            where.append(f"(instr({alias}search, ?) > 0 OR ({alias}task_id >= ? AND {alias}task_id < ?))")
+            args.extend([query.q, query.q, _above(query.q)])
         return where, args
 
-    def list(self, query: TaskQuery) -> Page:
-        from ..query import DEFAULT_PAGE
+    def _rare_match(self, q: str) -> tuple[str | None, int]:
+        """An FTS5 query for the candidates of q (a superset, at most _RARE tasks) and how many
+        tasks hold its rarest trigram; None when every trigram of q is common (or q is too short)."""
+        if len(q) < _TRIGRAM:
+            return None, 0
+        db = self._reader()
+        grams = list(dict.fromkeys(q[i : i + _TRIGRAM] for i in range(len(q) - _TRIGRAM + 1)))[:_PROBES]
+        seen: list[tuple[int, str]] = []
+        for gram in grams:
+            term = _fts_string(gram)
+            (n,) = db.execute(
+                "SELECT COUNT(*) FROM (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ? LIMIT ?)", (term, _RARE + 1)
+            ).fetchone()
+            if n == 0:
+                return term, 0  # no task holds this trigram: no text match at all
+            seen.append((n, term))
+        seen.sort()
+        if seen[0][0] > _RARE:
+            return None, seen[0][0]
+        return " AND ".join(term for _n, term in seen[:2]), seen[0][0]
 
-        limit = query.limit or DEFAULT_PAGE
-        where, args = self._where(query)
+    def _search_plan(self, q: str, limit: int) -> str | None:
+        """The candidates' FTS5 query for a listing, or None to scan in index order instead.
+
+        Candidates cost about ``m`` (tasks holding q's rarest trigram); a scan finds a page after
+        about ``limit * total / m`` rows if matches are spread evenly. Candidates are preferred
+        (their cost is bounded by _RARE; a scan's is not when matches are fewer than ``m`` says)."""
+        match, m = self._rare_match(q)
+        if match is None or m == 0:
+            return match
+        (total,) = self._reader().execute("SELECT COALESCE(SUM(n), 0) FROM task_counts").fetchone()
+        return None if m * m > 4 * (limit + 1) * total else match
+
+    @staticmethod
+    def _hits(q: str, match: str) -> tuple[str, list[Any]]:
+        sql = (
+            "WITH hits (sid) AS MATERIALIZED (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?"
+            " UNION SELECT sid FROM tasks WHERE task_id >= ? AND task_id < ?) "
+        )
+        return sql, [match, q, _above(q)]
+
+    def _select(self, query: TaskQuery, match: str | None, after: tuple[str, str] | None, n: int) -> list[tuple[str, str, str, str]]:
+        """Up to ``n`` rows (body, internal, sort time, task_id) after ``after``, in the query's order."""
         column = "created_at" if query.sort.endswith("created") else "updated_at"
         order = "DESC" if query.descending else "ASC"
-        if query.after is not None:
-            where.append(f"({column}, task_id) {'<' if query.descending else '>'} (?, ?)")
-            args.extend(query.after)
-        sql = "SELECT body, internal FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {column} {order}, task_id {order} LIMIT ?"
-        args.append(limit + 1)
-        rows = self._reader().execute(sql, args).fetchall()
-        tasks = []
-        for body, internal in rows:
-            task = _task(body, internal)
-            newer = self._latest.get(task.task_id)
-            if newer is not None and newer.version > task.version:
-                if not query.matches(newer):
+        before = "<" if query.descending else ">"
+        db = self._reader()
+        if match is not None:
+            assert query.q is not None
+            cte, args = self._hits(query.q, match)
+            where, more = self._filters(query, alias="t.")
+            args += more
+            if query.statuses is not None:
+                where.append(f"t.status IN ({', '.join('?' * len(query.statuses))})")
+                args.extend(sorted(s.value for s in query.statuses))
+            if query.task_type is not None:
+                where.append("t.task_type = ?")
+                args.append(query.task_type)
+            if after is not None:
+                where.append(f"(t.{column}, t.task_id) {before} (?, ?)")
+                args.extend(after)
+            sql = (
+                cte + f"SELECT t.body, t.internal, t.{column}, t.task_id FROM hits CROSS JOIN tasks AS t ON t.sid = hits.sid"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + f" ORDER BY t.{column} {order}, t.task_id {order} LIMIT ?"
+            )
+            return db.execute(sql, [*args, n]).fetchall()
+        base, base_args = self._filters(query)
+        if after is not None:
+            base = [*base, f"({column}, task_id) {before} (?, ?)"]
+            base_args = [*base_args, *after]
+        results = []
+        for terms, values in self._by_status(query):
+            where = [*terms, *base]
+            sql = (
+                f"SELECT body, internal, {column}, task_id FROM tasks"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + f" ORDER BY {column} {order}, task_id {order} LIMIT ?"
+            )
+            results.append(db.execute(sql, [*values, *base_args, n]).fetchall())
+        if len(results) == 1:
+            return results[0]
+        merged = heapq.merge(*results, key=lambda row: (row[2], row[3]), reverse=query.descending)
+        return list(itertools.islice(merged, n))
+
+    @staticmethod
+    def _by_status(query: TaskQuery) -> list[tuple[list[str], list[Any]]]:
+        """The (terms, args) of each per-status part of a query; one part when no split pays."""
+        statuses = sorted(s.value for s in query.statuses) if query.statuses is not None else None
+        if query.task_type is not None:
+            return [(["task_type = ?", "status = ?"], [query.task_type, s]) for s in statuses or _STATUSES]
+        if statuses is not None:
+            return [(["status = ?"], [s]) for s in statuses]
+        return [([], [])]
+
+    def list(self, query: TaskQuery) -> Page:
+        """One page of the stored rows with the changes not written yet laid over them.
+
+        A row whose task has an unwritten change is left out; the change itself (which may sit
+        elsewhere in the order, or outside the filter) competes with the rows up to the last one
+        read, so a page never ends past a row it did not see."""
+        limit = query.limit or DEFAULT_PAGE
+        match = self._search_plan(query.q, limit) if query.q is not None else None
+        with self._lock:  # taken before the read: a change is either here or already in the rows
+            unwritten = {i: self._latest[i] for i in self._unflushed if i in self._latest}
+        tasks: list[Task] = []
+        after = query.after
+        end: tuple[str, str] | None = None  # the last row read, when more rows may follow
+        while True:
+            want = limit + 1 - len(tasks)
+            rows = self._select(query, match, after, want)
+            for body, internal, _moment, _task_id in rows:
+                task = _task(body, internal)
+                newer = unwritten.get(task.task_id)
+                if newer is not None and newer.version > task.version:
                     continue
-                task = newer
-            tasks.append(task)
-        return query.page(tasks, limit)
+                tasks.append(task)
+            if len(rows) < want:
+                end = None
+                break
+            end = after = (rows[-1][2], rows[-1][3])
+            if len(tasks) > limit:
+                break
+        have = {t.task_id for t in tasks}
+        for task in unwritten.values():
+            if task.task_id in have or not (query.matches(task) and query.past_cursor(task)):
+                continue
+            key = sort_key(task, query.sort)
+            if end is None or (key <= end if not query.descending else key >= end):
+                tasks.append(task)
+        tasks.sort(key=lambda t: sort_key(t, query.sort), reverse=query.descending)
+        return query.page(tasks[: limit + 1], limit)
 
     def counts(self, query: TaskQuery) -> dict[TaskStatus, int]:
-        where, args = self._where(query)
-        sql = "SELECT status, COUNT(*) FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " GROUP BY status"
         counts = dict.fromkeys(TaskStatus, 0)
-        for status, count in self._reader().execute(sql, args).fetchall():
-            counts[TaskStatus(status)] = count
+        db = self._reader()
+        if query.q is not None and len(query.q) >= _TRIGRAM:
+            # every match must be counted: the candidates of the rare trigrams, else the phrase
+            match = self._rare_match(query.q)[0] or _fts_string(query.q)
+            sql, args = self._hits(query.q, match)
+            where, more = self._filters(query, alias="t.")
+            args += more
+            if query.task_type is not None:
+                where.append("t.task_type = ?")
+                args.append(query.task_type)
+            if query.statuses is not None:
+                where.append(f"t.status IN ({', '.join('?' * len(query.statuses))})")
+                args.extend(sorted(s.value for s in query.statuses))
+            sql += "SELECT t.status, COUNT(*) FROM hits CROSS JOIN tasks AS t ON t.sid = hits.sid"
+            sql += (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY t.status"
+            for status, count in db.execute(sql, args).fetchall():
+                counts[TaskStatus(status)] = count
+            return counts
+        base, base_args = self._filters(query)
+        chosen = sorted(s.value for s in query.statuses) if query.statuses is not None else _STATUSES
+        if not base:  # only status and type: the kept counts
+            sql = "SELECT status, SUM(n) FROM task_counts"
+            if query.task_type is not None:
+                sql += " WHERE task_type = ?"
+            kept = db.execute(sql + " GROUP BY status", [query.task_type] if query.task_type is not None else [])
+            for status, count in kept.fetchall():
+                if status in chosen:
+                    counts[TaskStatus(status)] = count
+            return counts
+        # one index range count per status (faster than a GROUP BY over the whole index)
+        for status in chosen:
+            terms, values = ["status = ?"], [status]
+            if query.task_type is not None:
+                terms, values = ["task_type = ?", "status = ?"], [query.task_type, status]
+            sql = "SELECT COUNT(*) FROM tasks WHERE " + " AND ".join([*terms, *base])
+            (counts[TaskStatus(status)],) = db.execute(sql, [*values, *base_args]).fetchone()
         return counts
 
     def events(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
