@@ -2,7 +2,7 @@
 
 How to run (from the repository root, with the project's venv):
 
-    make bench                                   # = python -m bench.run (about 8 minutes)
+    make bench                                   # = python -m bench.run (about 15 minutes)
     python -m bench.run --quick                  # tiny sizes, one run each: proves the suite works
     python -m bench.run --big                    # adds the ~20,000-stream idle run
     python -m bench.run --only saturation,latency --servers taskmon
@@ -248,7 +248,7 @@ def sizes(a) -> dict:
     if a.quick:
         return {
             "idle": [100], "saturation": [100], "sat_duration": 1.0,
-            "latency": [(100, 20.0)], "lat_duration": 2.0,
+            "latency": [(100, 20.0)], "lat_duration": 1.5,
             "stall": (100, 20.0), "stall_prime": 0.5, "publish": [0, 100], "pub_updates": 5,
         }
     return {
