@@ -37,7 +37,7 @@ def sizes(quick: bool) -> dict:
         return {"prod_tasks": 100, "prod_duration": 1, "prod_warmup": 0, "connections": 16,
                 "flood": (100, 20.0), "flood_duration": 1.0, "flood_stores": ["memory"],
                 "pl_rate": 2000.0, "pl_duration": 1.0, "pl_warmup": 0.3, "pl_stores": ["memory"],
-                "list_sizes": [1000, 4000], "list_requests": 20, "list_seconds": 2, "list_stores": ["sqlite"]}
+                "list_sizes": [500, 2000], "list_requests": 20, "list_seconds": 2, "list_stores": ["sqlite"]}
     return {"prod_tasks": 100, "prod_duration": 5, "prod_warmup": 1, "connections": 16,
             "flood": (1000, 20.0), "flood_duration": 10.0, "flood_stores": ["memory", "sqlite"],
             "pl_rate": 2000.0, "pl_duration": 10.0, "pl_warmup": 1.0, "pl_stores": ["memory", "sqlite"],
