@@ -315,8 +315,10 @@ def run(wanted: set[str], pins, logdir: Path, runs: int, quick: bool) -> dict:
                     # one note per store: the other sizes / runs of a refused store are skipped too
                     ctx.skipped.add(f"{scenario}: {label.split()[0]}" if scenario == "listing" else key)
                     break
-                except BenchError as exc:
-                    problems.append(f"{key}: {exc}")
+                except (BenchError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    # a server answering the set-up calls wrongly (RuntimeError from make_tasks), a
+                    # refused connection, a generator that hangs: a broken point, reported, not a crash
+                    problems.append(f"{key}: {type(exc).__name__}: {exc}")
                     log(f"FAILED {key}: {exc}")
                     continue
                 if r.get("errors"):
