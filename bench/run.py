@@ -2,13 +2,14 @@
 
 How to run (from the repository root, with the project's venv):
 
-    make bench                                   # = python -m bench.run (about 8 minutes)
+    make bench                                   # = python -m bench.run (about 15 minutes)
     python -m bench.run --quick                  # tiny sizes, one run each: proves the suite works
     python -m bench.run --big                    # adds the ~20,000-stream idle run
     python -m bench.run --only saturation,latency --servers taskmon
     python -m bench.run --runs 3                 # more repetitions (the median is reported)
     python -m bench.run --strict                 # also exit non-zero when a target of issue 5 is missed
     python -m bench.run --only saturation --profile   # py-spy the saturation runs (pip install py-spy)
+    python -m bench.run --only producer,flood,patch_latency,listing   # the producer path only
 
 Each server is started the way the README starts it (taskmon: ``python -m server serve --host
 127.0.0.1 --port PORT --store memory://``; the baseline: ``python -m bench.baseline_naive``), in a
@@ -28,7 +29,29 @@ Scenarios (``--only`` takes these names, comma-separated):
   stall       as latency (20/s) with one of the 1,000 streams never read (small receive buffer,
               a 2 s burst first to fill every buffer on the way): the others' latency and RSS
   publish     update_task latency from a job thread with 0 and 10,000 subscribers
-              (in-process, bench/publish_cost.py)
+              (in-process, bench/publish_cost.py, memory store; target p50 <= 100 us, issue 10)
+
+The producer path (issues 10 and 13; bench/producer_suite.py), side by side in the same run:
+  producer       PATCH/s at 16 connections, 0 subscribers, ~150-byte update, Debian's wrk (-t1, on
+                 core 1) with a Lua script PATCHing 100 pre-created tasks (progress 0..99, never
+                 terminal): taskmon memory://, taskmon sqlite (default store), taskmon redis:// on a
+                 redis-server of its own (skipped with a note while taskmon refuses redis://), the
+                 naive app's PATCH (bench/baseline_naive.py) and a raw ASGI app
+                 (bench/baseline_raw.py). Each row says which side was the limit (server or wrk CPU).
+  flood          1,000 streams x 20 updates/s on one task (the latency scenario) without and with 16
+                 wrk connections PATCHing another task flat out: first-receipt p50/p99 and the ratio
+                 (target <= 2x); memory:// and sqlite.
+  patch_latency  PATCH latency p50/p99 at a fixed 2,000 PATCH/s, open loop (bench/openloop.py, on
+                 core 1; target p99 <= 10 ms); memory:// and sqlite.
+  listing        GET /api/graph/tasks?status=processing&limit=50, and with q=, over 1,000 / 10,000 /
+                 100,000 tasks written through the store API (bench/listing.py populate), served by
+                 ``python -m server serve --store sqlite:///...`` (redis:// when it exists): p50/p99
+                 and the growth from the smallest to the largest size (plus status=completed,
+                 which matches whatever start-up recovery does to live tasks, issue 8).
+  Every producer row also gives PATCHes per second of server CPU (PATCH/s divided by the share
+  of core 0 the server got), the figure to compare when other processes share the machine (the
+  "other CPU" column). --quick: wrk 1 s, flood at 100 streams, 1 s at 2,000/s, listing over
+  500 / 2,000 tasks. The redis rows start a redis-server of their own (--save "" --appendonly no).
 
 Reading the numbers: CPU per delivered event depends on how many events one send carries. Under
 saturation a taskmon stream sends everything pending as one chunk ("events per chunk" in the table)
@@ -147,30 +170,35 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 SERVERS = ("taskmon", "baseline")
 
 
-def server_cmd(name: str, port: int) -> tuple[list[str], dict]:
+def server_cmd(name: str, port: int, store: str = "memory://") -> tuple[list[str], dict]:
+    """taskmon (on ``store``), ``baseline`` (the naive app) or ``raw`` (bench/baseline_raw.py)."""
     env = dict(os.environ)
     env.pop("PYTHONASYNCIODEBUG", None)
     if name == "taskmon":
         # as the README starts it; only the stream cap is lifted so the big runs fit
         env["TASKMON_MAX_STREAMS"] = "100000"
         return [PY, "-m", "server", "serve", "--host", HOST, "--port", str(port),
-                "--store", "memory://"], env
+                "--store", store], env
+    if name == "raw":
+        return [PY, "-m", "bench.baseline_raw", "--host", HOST, "--port", str(port)], env
     return [PY, "-m", "bench.baseline_naive", "--host", HOST, "--port", str(port)], env
 
 
 class Server:
-    def __init__(self, name: str, prefix: list[str], logdir: Path) -> None:
+    def __init__(self, name: str, prefix: list[str], logdir: Path, store: str = "memory://",
+                 start_timeout: float = 30.0) -> None:
         self.name = name
         self.port = free_port()
-        cmd, env = server_cmd(name, self.port)
+        cmd, env = server_cmd(name, self.port, store)
         self.logpath = logdir / f"{name}-{self.port}.log"
         self.logfile = open(self.logpath, "wb")
         self.proc = subprocess.Popen(prefix + cmd, cwd=ROOT, env=env, stdout=self.logfile,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid  # taskset execs: same pid
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while True:
             if self.proc.poll() is not None:
+                self.logfile.close()
                 raise BenchError(f"{name} exited with {self.proc.returncode} at start; see {self.logpath}")
             try:
                 status, _ = http_get(self.port, "/healthz")
@@ -180,11 +208,13 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise BenchError(f"{name} did not answer /healthz in 30 s; see {self.logpath}")
+                raise BenchError(f"{name} did not answer /healthz in {start_timeout:g} s; see {self.logpath}")
             time.sleep(0.05)
         self.url = f"http://{HOST}:{self.port}"
 
     def stop(self) -> None:
+        if self.logfile.closed:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -223,7 +253,7 @@ def sizes(a) -> dict:
     if a.quick:
         return {
             "idle": [100], "saturation": [100], "sat_duration": 1.0,
-            "latency": [(100, 20.0)], "lat_duration": 2.0,
+            "latency": [(100, 20.0)], "lat_duration": 1.5,
             "stall": (100, 20.0), "stall_prime": 0.5, "publish": [0, 100], "pub_updates": 5,
         }
     return {
@@ -341,12 +371,25 @@ def plan(a) -> list[tuple[str, str, dict]]:
     for subs in s["publish"]:
         points.append((f"publish-{subs}", "publish", {"subs": subs, "updates": s["pub_updates"]}))
     if a.only:
+        from bench.producer_suite import NAMES
+
         wanted = set(a.only.split(","))
-        unknown = wanted - {sc for _, sc, _ in points}
+        unknown = wanted - {sc for _, sc, _ in points} - set(NAMES)
         if unknown:
-            raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; choose from idle, saturation, latency, stall, publish")
+            raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
         points = [p for p in points if p[1] in wanted]
     return points
+
+
+ALL_SCENARIOS = ("idle", "saturation", "latency", "stall", "publish",
+                 "producer", "flood", "patch_latency", "listing")
+
+
+def suite_wanted(a) -> set[str]:
+    """The producer-path scenarios (bench/producer_suite.py) this invocation runs."""
+    from bench.producer_suite import NAMES
+
+    return set(NAMES) if not a.only else set(a.only.split(",")) & set(NAMES)
 
 
 METRICS = {  # what is summarised (median over runs) per scenario
@@ -475,6 +518,13 @@ def build_rows(med: dict, big_key: str | None) -> list[dict]:
     if p0 and p10:
         checks.append({"check": f"taskmon update_task p50: {fmt(p10)} us with 10,000 subscribers vs {fmt(p0)} us with 0",
                        "rule": "O(1): <= 2 x", "verdict": "PASS" if p10 <= 2 * p0 else "MISS"})
+    for key in sorted((k for k in tm if k.startswith("publish-")), key=lambda k: int(k.split("-")[1])):
+        p50 = tm[key].get("p50_us")
+        if p50 is not None:
+            subs = int(key.split("-")[1])
+            checks.append({"check": f"taskmon update_task from a job thread, {subs:,} subscribers, memory://: "
+                                    f"p50 {fmt(p50)} us", "rule": "<= 100 us (issue 10)",
+                           "verdict": "PASS" if p50 <= 100 else "MISS"})
     if big_key and big_key in tm:
         n = int(big_key.split("-")[1])
         ready = tm[big_key].get("ready")
@@ -509,12 +559,13 @@ def print_table(rows, checks, meta) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="taskmon benchmarks (issue 5)",
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: proves the suite runs")
     p.add_argument("--big", action="store_true", help="add the ~20,000-stream idle run")
-    p.add_argument("--only", help="comma-separated: idle, saturation, latency, stall, publish")
-    p.add_argument("--servers", default="taskmon,baseline")
+    p.add_argument("--only", help="comma-separated: " + ", ".join(ALL_SCENARIOS) + " (default: all)")
+    p.add_argument("--servers", default="taskmon,baseline",
+                   help="servers of the idle..publish scenarios (the producer-path ones run their own set)")
     p.add_argument("--runs", type=int, default=None, help="runs per scenario (default 2; --quick 1)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when a target is missed")
     p.add_argument("--profile", action="store_true",
@@ -572,9 +623,24 @@ def main(argv=None) -> int:
                 med[server][key] = {m: median([r.get(m) for r in results]) for m in METRICS[scenario]}
                 med[server][key]["ready"] = min(r.get("ready", 0) or 0 for r in results) \
                     if "ready" in results[0] else None
+    suite = None
+    wanted = suite_wanted(a)
+    if wanted:
+        from bench import producer_suite
+
+        suite = producer_suite.run(wanted, pins, logdir, runs, a.quick)
+        problems += suite["problems"]
     rows, checks = build_rows(med, big_key)
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    print_table(rows, checks, meta)
+    if rows or checks:
+        print_table(rows, checks, meta)
+    if suite is not None:
+        text, suite_checks = producer_suite.report(suite, meta)
+        print(text)
+        for c in suite_checks:
+            print(f"  [{c['verdict']}] {c['check']} ({c['rule']})")
+        print()
+        checks += suite_checks
     if a.profile:
         for server in servers:
             for key, results in raw[server].items():
@@ -588,7 +654,7 @@ def main(argv=None) -> int:
     out = a.out or RESULTS / f"bench-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "table": rows, "checks": checks, "medians": med,
-                               "runs": raw, "problems": problems}, indent=1))
+                               "runs": raw, "producer_suite": suite, "problems": problems}, indent=1))
     log(f"wrote {out} ({meta['elapsed_s']} s); server logs in {logdir}")
     if problems:
         log("PROBLEMS:")
@@ -602,4 +668,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as bench.run, not __main__: bench.producer_suite imports this module, and one copy of it
+    # means one BenchError class and one Server class.
+    from bench.run import main as _main
+
+    sys.exit(_main())
