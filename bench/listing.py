@@ -9,7 +9,7 @@ Two halves:
   prints p50/p99 and the number of rows of the last answer as JSON.
 
 The data set: task types from ``TASK_TYPES``; 85 % completed, 5 % failed, 10 % processing; a message
-and a ``customer`` metadata value ``acme-0000`` .. ``acme-0499`` (so ``q=acme-0042`` matches 1 task in
+and a ``customer`` metadata value ``acme-0000`` .. ``acme-0498`` (so ``q=acme-0042`` matches 1 task in
 500); created over the last hour, newest last.
 """
 
@@ -49,7 +49,9 @@ def _status_for(i: int):
 def populate(store_url: str, n: int) -> dict:
     """Write ``n`` tasks into the store at ``store_url``; returns how many of each status.
 
-    Uses ``open_store(url).save(Task)``; the store is closed afterwards (a server opens it next)."""
+    Commits each task through the store seam (``commit(task, None, body)``), the way the manager
+    does; the store is closed afterwards (a server opens it next)."""
+    from server.manager import encode_task
     from server.models import Task
     from server.stores import open_store
 
@@ -62,7 +64,7 @@ def populate(store_url: str, n: int) -> dict:
             status = _status_for(i)
             created = start + i * step
             task_type = TASK_TYPES[i % len(TASK_TYPES)]
-            customer = f"acme-{i % 500:04d}"
+            customer = f"acme-{i % 499:04d}"  # 499: prime to the status cycle, so every customer has every status
             task = Task(
                 task_id=str(uuid.UUID(int=i + 1, version=4)),
                 task_type=task_type,
@@ -77,7 +79,7 @@ def populate(store_url: str, n: int) -> dict:
                 metadata={"customer": customer, "source": f"s3://bucket/{i % 97}"},
                 version=3,
             )
-            store.save(task)
+            store.commit(task, None, encode_task(task))
             counts[status.value] = counts.get(status.value, 0) + 1
     finally:
         store.close()
