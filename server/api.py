@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from .auth import require_api_token, require_read_token
 from .bodies import read_json
 from .bus import encode_json
 from .errors import ApiError
 from .manager import FieldTooLarge, TaskManager
-from .models import TaskNotFoundError, is_task_id
+from .models import TaskNotFoundError, TaskStateError, is_task_id
 from .query import MAX_LIST_LIMIT, TaskQuery, parse_limit
+from .security import SECURITY_HEADERS, request_refusal
 from .stores import StoreUnavailable
 
-__all__ = ["routes"]
+__all__ = ["routes", "serve_patch"]
+
+logger = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _OFF_LOOP = 50  # listings longer than this are encoded in a worker thread
@@ -110,6 +117,68 @@ async def patch_task(request: Request) -> Response:
     return _task_response(encoded)
 
 
+async def serve_patch(app: Any, scope: Scope, receive: Receive, send: Send, task_id: str) -> None:
+    """``PATCH /api/tasks/{id}`` as a plain ASGI handler, dispatched ahead of the middleware stack like
+    the streams: it is the producer path every progress report takes, and Starlette's wrappers
+    (error and exception middleware, the router, a Response object) were most of its cost. It does
+    what they do: the same checks in the same order (origin/content type, token, 404, body, 409),
+    the error envelope, the security and CORS headers, a 500 without a traceback."""
+    request = Request(scope, receive)
+    status = 200
+    extra: list[tuple[bytes, bytes]] = []
+    try:
+        refusal = request_refusal(scope, request.headers, frozenset(app.state.settings.cors_origins))
+        if refusal is not None:
+            await refusal(scope, receive, _with_security_headers(send))
+            return
+        require_api_token(request)
+        manager: TaskManager = app.state.manager
+        if not is_task_id(task_id) or await manager.aget_task(task_id) is None:
+            raise TaskNotFoundError(task_id)
+        changes = await read_json(request)
+        try:
+            _task, encoded = await manager.apatch(task_id, changes, known=True)
+        except ValueError as exc:
+            raise _bad_value(exc) from None
+        payload = ('{"success":true,"data":' + encoded + "}").encode()
+    except ApiError as exc:
+        status, payload = exc.status, _envelope(exc.message, exc.extra)
+        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+    except TaskNotFoundError:
+        status, payload = 404, _envelope("task not found")
+    except TaskStateError as exc:
+        status, payload = 409, _envelope(str(exc))
+    except StoreUnavailable as exc:
+        logger.warning("store unavailable", extra={"path": scope.get("path"), "reason": str(exc)})
+        status, payload = 503, _envelope("the task store is not reachable; retry later")
+        extra = [(b"retry-after", b"1")]
+    except Exception:
+        logger.exception("unhandled error", extra={"path": scope.get("path"), "method": "PATCH"})
+        status, payload = 500, _envelope("internal server error")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(payload)),
+        *extra,
+        *app.cors_headers(request.headers.get("origin")),
+        *SECURITY_HEADERS,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _envelope(message: str, extra: dict[str, Any] | None = None) -> bytes:
+    return encode_json({"success": False, "error": message, **(extra or {})}).encode()
+
+
+def _with_security_headers(send: Send) -> Send:
+    async def sender(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
+        await send(message)
+
+    return sender
+
+
 async def cancel_task(request: Request) -> Response:
     require_api_token(request)
     _task, encoded = await _manager(request).acancel(_task_id(request))
@@ -166,7 +235,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/graph/tasks", list_tasks, methods=["GET"]),
         Route("/api/tasks", create_task, methods=["POST"]),
         Route("/api/tasks/counts", count_tasks, methods=["GET"]),
-        Route("/api/tasks/{task_id}", patch_task, methods=["PATCH"]),
+        Route("/api/tasks/{task_id}", patch_task, methods=["PATCH"], name="patch_task"),  # served by serve_patch
         Route("/api/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
         Route("/api/tasks/{task_id}/events", task_events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -80,6 +80,7 @@ class TaskmonApp(Starlette):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stream_routes = [route for route in self.routes if route.name in ("task_stream", "all_tasks_stream")]
+        self._patch_route = next(route for route in self.routes if getattr(route, "name", None) == "patch_task")
         self._started = False  # the lifespan is running
         self._stopped = False  # the lifespan has ended
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,13 +95,21 @@ class TaskmonApp(Starlette):
             if not self._started:
                 await _answer_503(send, _STOPPED if self._stopped else _NOT_STARTED)
                 return
-            if scope["method"] in ("GET", "HEAD"):
+            method = scope["method"]
+            if method in ("GET", "HEAD"):
                 for route in self._stream_routes:
                     match, child = route.matches(scope)
                     if match is Match.FULL:
                         scope["app"] = self
                         await serve_stream(self, scope, receive, send, child["path_params"].get("task_id"))
                         return
+            elif method == "PATCH":
+                match, child = self._patch_route.matches(scope)
+                if match is Match.FULL:
+                    scope["app"] = self
+                    scope.update(child)
+                    await api.serve_patch(self, scope, receive, send, child["path_params"]["task_id"])
+                    return
         await super().__call__(scope, receive, send)
 
     def lifespan(self, host: object = None) -> AbstractAsyncContextManager[None]:

@@ -449,18 +449,23 @@ class TaskManager:
 
     async def _achange(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
         for _ in range(_RETRIES):
-            current = await self._store.aget(task_id)  # memory/sqlite: in memory for a live task
             if self._shared:
+                current = await self._store.aget(task_id)
                 task, body = self._plan(current, task_id, fields)
                 try:
                     await self._store.acommit(task, current.version, body)  # type: ignore[union-attr]
                 except Conflict:
                     continue
                 return task, body
+            # memory/sqlite keep every live task in memory: read, compute and commit under the lock;
+            # a task they do not hold in memory is finished or gone, read (off the loop) to say which
+            current = self._store.cached(task_id)  # type: ignore[attr-defined]
+            if current is False:
+                self._plan(await self._store.aget(task_id), task_id, fields)  # raises: not live
             with self._lock:
-                latest = self._store.cached(task_id)  # type: ignore[attr-defined]
-                if latest is not False:
-                    current = latest
+                current = self._store.cached(task_id)  # type: ignore[attr-defined]
+                if current is False:
+                    continue  # finished meanwhile: the next round says so
                 task, body = self._plan(current, task_id, fields)
                 try:
                     ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
@@ -471,9 +476,10 @@ class TaskManager:
             return task, body
         raise TaskStateError("the task changed too often to apply this change; retry")
 
-    async def apatch(self, task_id: str, changes: Mapping[str, Any]) -> tuple[Task, str]:
-        """PATCH: unknown id (TaskNotFoundError), then the body (ValueError), then the state (TaskStateError)."""
-        if await self._store.aget(task_id) is None:
+    async def apatch(self, task_id: str, changes: Mapping[str, Any], *, known: bool = False) -> tuple[Task, str]:
+        """PATCH: unknown id (TaskNotFoundError), then the body (ValueError), then the state (TaskStateError).
+        ``known``: the caller has just checked that the task exists (the route does, before the body)."""
+        if not known and await self._store.aget(task_id) is None:
             raise TaskNotFoundError(task_id)
         return await self._achange(task_id, validate_changes(changes))
 

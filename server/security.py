@@ -30,13 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .settings import Settings
 
-__all__ = ["CSP", "SecurityMiddleware", "allowed_hosts", "host_refusal"]
+__all__ = ["CSP", "SECURITY_HEADERS", "SecurityMiddleware", "allowed_hosts", "host_refusal", "request_refusal"]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-_SECURITY_HEADERS = [
+SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"content-security-policy", CSP.encode()),
@@ -109,30 +109,42 @@ def _has_body(headers: Headers) -> bool:
     return "transfer-encoding" in headers
 
 
+def request_refusal(scope: Scope, headers: Headers, cors_origins: frozenset[str]) -> JSONResponse | None:
+    """The 403/415 answer for a mutating request from a foreign Origin or with a non-JSON body."""
+    method = scope["method"]
+    if method not in _MUTATING:
+        return None
+    origin = headers.get("origin")
+    if (
+        origin is not None
+        and not _same_origin(origin, headers.get("host"))
+        and origin not in cors_origins
+        and "*" not in cors_origins
+    ):
+        return _envelope(403, "cross-origin request refused (Origin is not allowed; see TASKMON_CORS_ORIGINS)")
+    if _has_body(headers):
+        media = _media_type(headers.get("content-type", ""))
+        if not _is_json(media) and not (media == "multipart/form-data" and scope["path"] in MULTIPART_PATHS):
+            if scope["path"] in MULTIPART_PATHS:
+                return _envelope(415, "send multipart/form-data with 'files', or application/json with 'name' and 'text'")
+            return _envelope(415, "unsupported content type; send application/json")
+    return None
+
+
+def _content_type(raw: list[tuple[bytes, bytes]]) -> str:
+    for name, value in raw:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return ""
+
+
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, cors_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.cors_origins = frozenset(cors_origins)
 
     def _refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
-        method = scope["method"]
-        if method not in _MUTATING:
-            return None
-        origin = headers.get("origin")
-        if (
-            origin is not None
-            and not _same_origin(origin, headers.get("host"))
-            and origin not in self.cors_origins
-            and "*" not in self.cors_origins
-        ):
-            return _envelope(403, "cross-origin request refused (Origin is not allowed; see TASKMON_CORS_ORIGINS)")
-        if _has_body(headers):
-            media = _media_type(headers.get("content-type", ""))
-            if not _is_json(media) and not (media == "multipart/form-data" and scope["path"] in MULTIPART_PATHS):
-                if scope["path"] in MULTIPART_PATHS:
-                    return _envelope(415, "send multipart/form-data with 'files', or application/json with 'name' and 'text'")
-                return _envelope(415, "unsupported content type; send application/json")
-        return None
+        return request_refusal(scope, headers, self.cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -140,7 +152,7 @@ class SecurityMiddleware:
             return
         refusal = self._refusal(scope, Headers(scope=scope))
         if refusal is not None:
-            refusal.headers.update({k.decode(): v.decode() for k, v in _SECURITY_HEADERS})
+            refusal.headers.update({k.decode(): v.decode() for k, v in SECURITY_HEADERS})
             await refusal(scope, receive, send)
             return
 
@@ -150,10 +162,10 @@ class SecurityMiddleware:
         async def send_wrapper(message: Message) -> None:
             nonlocal held, body
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in _SECURITY_HEADERS:
-                    headers[name.decode()] = value.decode()
-                if message["status"] >= 400 and not _is_json(_media_type(headers.get("content-type", ""))):
+                raw = list(message.get("headers", ()))
+                raw.extend(SECURITY_HEADERS)  # appended raw: no response of ours sets these itself
+                message["headers"] = raw
+                if message["status"] >= 400 and not _is_json(_media_type(_content_type(raw))):
                     held = message
                     return
                 await send(message)
