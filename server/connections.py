@@ -65,12 +65,28 @@ def limited_protocol(settings: Settings, base: Any = AutoHTTPProtocol) -> type[a
     max_connections = settings.max_connections
     if soft != resource.RLIM_INFINITY:
         max_connections = max(1, min(max_connections, soft - _SPARE_FDS))
-    # Connections waiting for request headers, oldest first (shared by this server's connections).
+    # Connections waiting for request headers, oldest wait first (shared by this server's
+    # connections). One sweep timer serves them all, not a timer per request: a connection starts
+    # waiting again after every response, so per-connection timers cost two timer operations on
+    # every request of the producer path.
     waiting: OrderedDict[int, Any] = OrderedDict()
+    tick = min(1.0, header_timeout / 4)
+    sweeper: list[asyncio.TimerHandle | None] = [None]
+
+    def sweep(loop: asyncio.AbstractEventLoop) -> None:
+        sweeper[0] = None
+        cutoff = loop.time() - header_timeout
+        while waiting:
+            oldest = next(iter(waiting.values()))
+            if oldest._since > cutoff:
+                break
+            oldest._on_deadline()  # leaves `waiting`
+        if waiting:
+            sweeper[0] = loop.call_later(tick, sweep, loop)
 
     class LimitedHTTPProtocol(base):  # type: ignore[misc, valid-type]
         _header_bytes = 0
-        _deadline: asyncio.TimerHandle | None = None
+        _since = 0.0
         _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -85,21 +101,16 @@ def limited_protocol(settings: Settings, base: Any = AutoHTTPProtocol) -> type[a
 
         def _await_headers(self) -> None:
             self._header_bytes = 0
-            waiting[id(self)] = self
-            self._cancel_deadline()
-            self._deadline = self.loop.call_later(header_timeout, self._on_deadline)
+            self._since = self.loop.time()
+            waiting.pop(id(self), None)
+            waiting[id(self)] = self  # to the end: the newest wait
+            if sweeper[0] is None:
+                sweeper[0] = self.loop.call_later(tick, sweep, self.loop)
 
         def _headers_done(self) -> None:
             waiting.pop(id(self), None)
-            self._cancel_deadline()
-
-        def _cancel_deadline(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
 
         def _on_deadline(self) -> None:
-            self._deadline = None
             if self._header_bytes:
                 self._refuse(408, f"request headers not received within {header_timeout:g} s")
             else:
