@@ -145,6 +145,9 @@ async def test_a_200_from_patch_survives_kill_9(tmp_path):
             assert after["version"] == last["version"] == 51
             assert after["progress"] == 50 and after["message"] == "step 50"
             assert after["status"] == "processing"  # a producer's task survives the restart
+            # the listing reads the tasks table, whose row may lag the log by ROW_LAG_S: caught up at open
+            listed = (await http.get("/api/graph/tasks", params={"q": "step 50"})).json()["data"]
+            assert [(t["task_id"], t["version"]) for t in listed] == [(task["task_id"], 51)]
             log = (await http.get(f"/api/tasks/{task['task_id']}/events", params={"after": 45})).json()
             assert [e["version"] for e in log["data"]] == [46, 47, 48, 49, 50, 51]
     finally:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import heapq
 import itertools
@@ -24,6 +25,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from datetime import UTC as _UTC
@@ -124,6 +126,11 @@ def _above(prefix: str) -> str:
 
 _LIVE = ("pending", "processing")
 _GROUP_MAX = 1024  # changes per transaction at most
+# A live task's row in ``tasks`` (and its indexes, trigram index, counts) is rewritten at most this
+# often while only its progress/message/detail move: every change still goes to ``events`` (the
+# durable log, written in the change's own group commit), which is what a restart rebuilds the row
+# from. A change of status or a cancel request, and every finished task, is written at once.
+ROW_LAG_S = 0.25
 
 
 class StoreLocked(ValueError):
@@ -218,11 +225,14 @@ class SqliteStore(LocalStore):
         self._migrate_v1()
         self._upgrade_search()
         self._db.executescript(_SCHEMA)
+        self._row_written: dict[str, tuple[float, TaskStatus, bool]] = {}  # writer thread only
+        self._deferred: dict[str, tuple[Task, str]] = {}  # rows to write when their lag is up (writer only)
         for body, internal in self._db.execute(
             "SELECT body, internal FROM tasks WHERE status IN ('pending', 'processing')"
         ).fetchall():
             task = _task(body, internal)
             self._latest[task.task_id] = task
+        self._catch_up_rows()
         self._writer = threading.Thread(target=self._write_loop, name="taskmon-sqlite-writer", daemon=True)
         self._writer.start()
 
@@ -359,13 +369,62 @@ class SqliteStore(LocalStore):
         group.wait()
         return chosen
 
+    def _catch_up_rows(self) -> None:
+        """At open: a live task whose row lags its event log (the process stopped within ROW_LAG_S
+        of a change) gets its row back from the newest logged snapshot."""
+        if not self._latest:
+            return
+        rows = self._db.execute(
+            "SELECT e.task_id, e.version, e.body FROM events AS e JOIN tasks AS t ON t.task_id = e.task_id"
+            " WHERE t.status IN ('pending', 'processing') AND e.version > t.version ORDER BY e.task_id, e.version"
+        ).fetchall()
+        newest: dict[str, tuple[int, str]] = {}
+        for task_id, version, body in rows:
+            newest[task_id] = (version, body)
+        if not newest:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        for task_id, (_version, body) in newest.items():
+            old = self._latest[task_id]
+            task = dataclasses.replace(
+                Task.from_dict(json.loads(body)), owner=old.owner, samples=old.samples, cancel_at=old.cancel_at
+            )
+            self._db.execute(*self._upsert(task, body))
+            self._latest[task_id] = task
+        self._db.execute("COMMIT")
+        logger.info("sqlite rows caught up with their event logs", extra={"tasks": len(newest)})
+
+    def _write_row(self, db: sqlite3.Connection, task: Task, body: str, now: float, force: bool) -> None:
+        """Write the task's row now, or defer it (see ROW_LAG_S). Writer thread, inside a transaction."""
+        task_id = task.task_id
+        last = self._row_written.get(task_id)
+        if (
+            force
+            or task.is_terminal
+            or last is None
+            or last[1] is not task.status
+            or last[2] != task.cancel_requested
+            or now - last[0] >= ROW_LAG_S
+        ):
+            db.execute(*self._upsert(task, body))
+            self._deferred.pop(task_id, None)
+            if task.is_terminal:
+                self._row_written.pop(task_id, None)
+            else:
+                self._row_written[task_id] = (now, task.status, task.cancel_requested)
+        else:
+            self._deferred[task_id] = (task, body)
+
     def _write_loop(self) -> None:
         db = self._db
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
+                    if self._deferred:
+                        self._wake.wait(ROW_LAG_S)
+                        break  # time to write the deferred rows (or new work arrived)
                     self._wake.wait()
-                if not self._queue and self._closing:
+                if not self._queue and self._closing and not self._deferred:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), _GROUP_MAX))]
                 group = self._group
@@ -380,11 +439,15 @@ class SqliteStore(LocalStore):
                 # change (every version still goes to ``events``): a burst of progress reports costs
                 # one row and index update (and one trigram re-index), not one per report.
                 last_put = {item.task_id: k for k, (op, item, _b) in enumerate(batch) if op == "put"}
+                now = time.monotonic()
                 db.execute("BEGIN IMMEDIATE")
+                for task_id, (task, body) in list(self._deferred.items()):
+                    if task_id not in last_put:  # (a newer change in this batch supersedes it)
+                        self._write_row(db, task, body, now, force=self._closing or now - self._row_written[task_id][0] >= ROW_LAG_S)
                 for k, (op, item, body) in enumerate(batch):
                     if op == "put":
                         if last_put[item.task_id] == k:
-                            db.execute(*self._upsert(item, body))
+                            self._write_row(db, item, body, now, force=self._closing)
                         db.execute(
                             "INSERT OR REPLACE INTO events (task_id, version, body) VALUES (?, ?, ?)",
                             (item.task_id, item.version, body),
@@ -392,6 +455,8 @@ class SqliteStore(LocalStore):
                         touched[item.task_id] = item.version
                     else:
                         for task in item:
+                            self._deferred.pop(task.task_id, None)
+                            self._row_written.pop(task.task_id, None)
                             db.execute("DELETE FROM tasks WHERE task_id = ? AND version = ?", (task.task_id, task.version))
                             db.execute("DELETE FROM events WHERE task_id = ?", (task.task_id,))
                 for task_id, version in touched.items():
