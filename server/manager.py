@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import operator
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -177,11 +178,12 @@ def _unencodable_field(task: Task) -> str:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+_ALL_FIELDS = operator.attrgetter(*_FIELDS)
 
 
 def _replace(task: Task, fields: dict[str, Any], **more: Any) -> Task:
     """``dataclasses.replace`` without its per-call introspection (it is on every change's path)."""
-    values = {name: getattr(task, name) for name in _FIELDS}
+    values = dict(zip(_FIELDS, _ALL_FIELDS(task)))
     values.update(fields)
     values.update(more)
     return Task(**values)
