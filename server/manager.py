@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -788,6 +788,25 @@ class AllTasksSubscription:
 
     def close(self) -> None:
         self._bus.unsubscribe(self.subscriber)
+
+    def snapshot_pieces(self) -> Iterator[bytes]:
+        """The opening ``snapshot`` event, one task at a time: concatenated, the bytes of
+        ``snapshot_frame()`` (so the stream can write it under back-pressure). Handed over once."""
+        wire = self._manager.wire
+        tasks, self.page = self.page, Page([])
+        followed, self.followed = self.followed, []
+        yield b'event: snapshot\ndata: {"tasks":['
+        for n, task in enumerate(tasks.tasks):
+            yield (b"," if n else b"") + encode_json(wire(task)).encode()
+        tail: dict[str, Any] = {"counts": {s.value: n for s, n in self.counts.items()}, "next_cursor": tasks.next_cursor}
+        rest = encode_json(tail)[1:-1]
+        if followed:
+            yield ("]," + rest + ',"followed":[').encode()
+            for n, task in enumerate(followed):
+                yield (b"," if n else b"") + encode_json(wire(task)).encode()
+            yield b"]}\n\n"
+        else:
+            yield ("]," + rest + "}\n\n").encode()
 
     def snapshot_frame(self) -> bytes:
         """The opening ``snapshot`` event (handed over once: the subscription drops its copy)."""
