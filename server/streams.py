@@ -266,7 +266,7 @@ OPENING_CHUNK = 64 * 1024
 class _ChunkWriter:
     """Gathers the opening frames and writes (awaited) each time about OPENING_CHUNK bytes gathered."""
 
-    __slots__ = ("_send", "_parts", "_size")
+    __slots__ = ("_parts", "_send", "_size")
 
     def __init__(self, send: Send, first: bytes) -> None:
         self._send = send
