@@ -230,7 +230,12 @@ async def _sweep(manager: TaskManager) -> None:
 async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
     settings = app.state.settings
     store = await anyio.to_thread.run_sync(
-        lambda: open_store(settings.store_url, history=settings.history, history_bytes=settings.history_kb * 1024)
+        lambda: open_store(
+            settings.store_url,
+            history=settings.history,
+            history_bytes=settings.history_kb * 1024,
+            history_total_bytes=settings.history_max_mb * 1024 * 1024,
+        )
     )
     bus = EventBus(queue_size=settings.queue_size)
     manager = TaskManager(

@@ -86,9 +86,10 @@ class Event:
 
     @classmethod
     def from_json(cls, body: str) -> Event:
-        """From a stored snapshot's wire JSON (a replay)."""
-        task = Task.from_dict(json.loads(body))
-        return cls.from_body(task, body)
+        """From a stored snapshot's wire JSON (a replay). The parsed Task is not kept (``snapshot()``
+        parses again if asked): a replay page holds only the bodies, which the store already holds."""
+        data = json.loads(body)
+        return cls("task", data["task_id"], data["task_type"], TaskStatus(data["status"]), data["version"], body)
 
     @classmethod
     def removed(cls, task: Task) -> Event:
@@ -170,8 +171,8 @@ class Subscriber:
         """O(1) whatever the reader does: a full buffer turns into "newest event per task" once, and a
         reader with more distinct tasks pending than that is marked ``overflowed`` (its stream then
         closes, and the client reconnects to a fresh snapshot) instead of growing without bound."""
-        if self.closed:
-            return
+        if self.closed or self.overflowed:
+            return  # an overflowed reader is about to be closed: hold nothing more for it
         latest = self._latest
         if latest is not None:
             key = event.task_id if event.kind != "stale" else "stale:" + event.task_id
@@ -180,6 +181,7 @@ class Subscriber:
             latest[key] = event
             if len(latest) > self.maxsize * 4:
                 self.overflowed = True
+                latest.clear()
         elif len(self.events) >= self.maxsize:
             latest = self._latest = {}
             for pending in self.events:
@@ -225,7 +227,7 @@ class Subscriber:
 
     async def wait(self) -> None:
         """Return once there is something to send (events or a ping) or the subscriber closed."""
-        if self.events or self._latest or self.ping_due or self.closed:
+        if self.events or self._latest or self.ping_due or self.closed or self.overflowed:
             return
         await self.wait_wake()
 

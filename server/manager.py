@@ -22,7 +22,7 @@ import logging
 import operator
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -65,6 +65,11 @@ MAX_LEASE_S = 7 * 24 * 3600.0
 INTERRUPTED = "interrupted: the server stopped before this task finished"
 CANCELLED = "cancelled"
 REPLAY_PAGE = 32  # events read from the store per step of a Last-Event-ID replay
+REPLAY_PAGE_BYTES = 1024 * 1024  # ... fewer when they are large: a page of about this many bytes
+SNAPSHOT_BYTES = 512 * 1024  # the all-tasks stream's first page holds at most this much (then next_cursor)
+# Stream openings reading a page from the store at once (a page of large tasks parsed from sqlite is
+# megabytes while it is read: many clients connecting together must not each hold one).
+OPENING_READS = 4
 
 _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
@@ -217,6 +222,7 @@ class TaskManager:
         self.snapshot_page = snapshot_page
         self._last_created: datetime | None = None
         self._stale: set[str] = set()  # live tasks announced stale (loop thread only)
+        self._opening_reads = asyncio.Semaphore(OPENING_READS)
 
     @property
     def store(self) -> TaskStore:
@@ -607,7 +613,8 @@ class TaskManager:
             if after is not None and after == task.version:
                 subscription.no_content = task.is_terminal
             elif after is not None:
-                replay = await self._store.aevents(task_id, after, REPLAY_PAGE)
+                async with self._opening_reads:
+                    replay = await self._store.aevents(task_id, after, REPLAY_PAGE)
                 if replay and replay[0][0] == after + 1:
                     if task.task_id in self._stale:  # the log's snapshots say stale: false; it is not
                         subscription.stale_tail = Event.stale(task.task_id, task.task_type, task.status, True)
@@ -623,8 +630,10 @@ class TaskManager:
 
     async def replay_more(self, subscription: TaskSubscription) -> list[Event]:
         """The next page of a long replay (the stream asks after writing the previous one)."""
-        replay = await self._store.aevents(subscription.task_id, subscription.last_version, REPLAY_PAGE)
-        return subscription.take_replay(replay, more=len(replay) == REPLAY_PAGE)
+        limit = subscription.page_limit
+        async with self._opening_reads:
+            replay = await self._store.aevents(subscription.task_id, subscription.last_version, limit)
+        return subscription.take_replay(replay, more=len(replay) == limit)
 
     async def open_all_subscription(
         self, query: TaskQuery | None = None, follow: tuple[str, ...] = ()
@@ -635,13 +644,14 @@ class TaskManager:
         subscriber = bus.subscribe(None)
         try:
             first = query if query.limit is not None else replace(query, limit=self.snapshot_page)
-            page = await self._store.alist(first)
-            counts = await self.acounts(query)
-            followed = [t for t in [await self._store.aget(i) for i in follow] if t is not None]
+            async with self._opening_reads:
+                page = await self._store.alist(first)
+                counts = await self.acounts(query)
+                followed = [t for t in [await self._store.aget(i) for i in follow] if t is not None]
+                return AllTasksSubscription(bus, subscriber, page, counts, query, followed, self)
         except BaseException:
             bus.unsubscribe(subscriber)
             raise
-        return AllTasksSubscription(bus, subscriber, page, counts, query, followed, self)
 
     @asynccontextmanager
     async def subscribe(self, task_id: str, after: int | None = None) -> AsyncIterator[TaskSubscription]:
@@ -683,6 +693,7 @@ class TaskSubscription:
         "finished",
         "final_status",
         "more",
+        "page_limit",
         "stale_tail",
     )
 
@@ -696,6 +707,7 @@ class TaskSubscription:
         self.finished = False
         self.final_status = task.status
         self.more = False  # a replay has further pages in the store
+        self.page_limit = REPLAY_PAGE  # events to read for the next page
         self.stale_tail: Event | None = None  # sent after the last replay page: the task is stale now
 
     def start_snapshot(self, task: Task, stale: bool) -> None:
@@ -714,6 +726,9 @@ class TaskSubscription:
 
     def take_replay(self, replay: list[tuple[int, str]], more: bool) -> list[Event]:
         out: list[Event] = []
+        size = sum(len(body) for _v, body in replay)
+        if size:  # about REPLAY_PAGE_BYTES per page whatever the size of the snapshots
+            self.page_limit = max(1, min(REPLAY_PAGE, REPLAY_PAGE_BYTES * len(replay) // size))
         for version, body in replay:
             if version > self.last_version and not self.finished:
                 event = Event.from_json(body)
@@ -783,33 +798,57 @@ class AllTasksSubscription:
     ) -> None:
         self._bus = bus
         self.subscriber = subscriber
-        self.page = page
         self.counts = counts
-        self.followed = followed
         self._query = query
         self._narrow = query.filtered
         self._follow = frozenset(t.task_id for t in followed)
         self._manager = manager
+        # The page, encoded now: at most SNAPSHOT_BYTES of it (then next_cursor points past the last
+        # task kept), so a client that does not read holds that, not the store's objects.
+        wire = manager.wire
+        tasks: list[Task] = []
+        self._bodies: list[bytes] = []
+        size = 0
+        self.next_cursor = page.next_cursor
+        for task in page.tasks:
+            body = encode_json(wire(task)).encode()
+            if tasks and size + len(body) > SNAPSHOT_BYTES:
+                self.next_cursor = query.cursor_for(tasks[-1])
+                break
+            tasks.append(task)
+            self._bodies.append(body)
+            size += len(body)
+        self._followed = [encode_json(wire(t)).encode() for t in followed]
         # changes already in the snapshot are dropped; the task ids the client holds as matching
-        self._seen = {t.task_id: t.version for t in (*page.tasks, *followed)}
+        self._seen = {t.task_id: t.version for t in (*tasks, *followed)}
         self._visible = set(self._seen)
 
     def close(self) -> None:
         self._bus.unsubscribe(self.subscriber)
 
+    def snapshot_pieces(self) -> Iterator[bytes]:
+        """The opening ``snapshot`` event in pieces (one per task), so the stream can write it under
+        back-pressure; each piece is dropped once handed over. Handed over once."""
+        bodies, self._bodies = self._bodies, []
+        followed, self._followed = self._followed, []
+        bodies.reverse()
+        yield b'event: snapshot\ndata: {"tasks":['
+        first = True
+        while bodies:
+            yield bodies.pop() if first else b"," + bodies.pop()
+            first = False
+        tail: dict[str, Any] = {"counts": {s.value: n for s, n in self.counts.items()}, "next_cursor": self.next_cursor}
+        rest = encode_json(tail)[1:-1]
+        if followed:
+            yield ("]," + rest + ',"followed":[').encode()
+            yield b",".join(followed)
+            yield b"]}\n\n"
+        else:
+            yield ("]," + rest + "}\n\n").encode()
+
     def snapshot_frame(self) -> bytes:
-        """The opening ``snapshot`` event (handed over once: the subscription drops its copy)."""
-        wire = self._manager.wire
-        data: dict[str, Any] = {
-            "tasks": [wire(t) for t in self.page.tasks],
-            "counts": {s.value: n for s, n in self.counts.items()},
-            "next_cursor": self.page.next_cursor,
-        }
-        if self.followed:
-            data["followed"] = [wire(t) for t in self.followed]
-        self.page = Page([])
-        self.followed = []
-        return Event.frame_of("snapshot", encode_json(data))
+        """The opening ``snapshot`` event whole (handed over once)."""
+        return b"".join(self.snapshot_pieces())
 
     def frame_for(self, event: Event) -> bytes | None:
         task_id = event.task_id

@@ -26,6 +26,7 @@ _ENV: dict[str, tuple[str, str]] = {
     "TASKMON_RETRY_MS": ("retry_ms", "int"),
     "TASKMON_HISTORY": ("history", "int"),
     "TASKMON_HISTORY_KB": ("history_kb", "int"),
+    "TASKMON_HISTORY_MAX_MB": ("history_max_mb", "int"),
     "TASKMON_STALE_AFTER_S": ("stale_after_s", "float"),
     "TASKMON_LEASE_S": ("lease_s", "float"),
     "TASKMON_CANCEL_GRACE_S": ("cancel_grace_s", "float"),
@@ -69,6 +70,7 @@ class Settings:
     retry_ms: int = 3000
     history: int = 256
     history_kb: int = 8192  # memory:// keeps at most this much event log per task
+    history_max_mb: int = 1024  # ... and at most this much across all tasks
     stale_after_s: float = 300.0
     lease_s: float | None = None  # the default lease of a new task (None: no lease unless asked)
     cancel_grace_s: float = 60.0
@@ -112,6 +114,7 @@ class Settings:
             (self.retry_ms >= 0, "TASKMON_RETRY_MS must be >= 0"),
             (self.history >= 1, "TASKMON_HISTORY must be >= 1"),
             (self.history_kb >= 1, "TASKMON_HISTORY_KB must be >= 1"),
+            (self.history_max_mb >= 1, "TASKMON_HISTORY_MAX_MB must be >= 1"),
             (_finite(self.stale_after_s) and self.stale_after_s > 0, "TASKMON_STALE_AFTER_S must be a finite number > 0"),
             (
                 self.lease_s is None or (_finite(self.lease_s) and 0 < self.lease_s <= 7 * 24 * 3600),

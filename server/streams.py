@@ -218,20 +218,24 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
             await send({"type": "http.response.body", "body": b""})
             return None
 
-        opening = ServerSentEvent(retry=settings.retry_ms, sep="\n").encode()
+        # The opening chunk goes out in pieces of about OPENING_CHUNK bytes, each write awaited (the
+        # server's send waits while its buffer is over the high-water mark): a client that does not
+        # read holds about one piece, never a whole snapshot page or history (live events meanwhile
+        # wait, coalesced).
+        writer = _ChunkWriter(send, ServerSentEvent(retry=settings.retry_ms, sep="\n").encode())
         stream: _Stream
         if isinstance(subscription, TaskSubscription):
             initial = subscription.take_initial()
-            # A long replay goes out page by page, each write awaited: a client that does not read
-            # holds one page, never the whole history (live events meanwhile wait, coalesced).
+            # A long replay is read page by page; each event is dropped once written.
             while True:
                 bus.delivered += len(initial)
-                opening += b"".join(event.frame for event in initial)
+                initial.reverse()
+                while initial:
+                    await writer.add(initial.pop().frame)
                 if not subscription.more:
                     break
-                await send({"type": "http.response.body", "body": opening, "more_body": True})
-                opening = b""
                 initial = await manager.replay_more(subscription)
+            opening = writer.take()
             if subscription.finished:
                 opening += _end_frame(subscription.task_id, subscription.final_status)
                 await send({"type": "http.response.body", "body": opening, "more_body": True})
@@ -239,7 +243,9 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
                 return None
             stream = _TaskStream(send, subscription, bus, drive)
         else:
-            opening += subscription.snapshot_frame()
+            for piece in subscription.snapshot_pieces():
+                await writer.add(piece)
+            opening = writer.take()
             stream = _AllTasksStream(send, subscription, bus, drive)
         await send({"type": "http.response.body", "body": opening, "more_body": True})
         subscription = None  # the stream owns it now
@@ -252,6 +258,32 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
     finally:
         if subscription is not None:
             subscription.close()
+
+
+OPENING_CHUNK = 64 * 1024
+
+
+class _ChunkWriter:
+    """Gathers the opening frames and writes (awaited) each time about OPENING_CHUNK bytes gathered."""
+
+    __slots__ = ("_parts", "_send", "_size")
+
+    def __init__(self, send: Send, first: bytes) -> None:
+        self._send = send
+        self._parts = [first]
+        self._size = len(first)
+
+    async def add(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= OPENING_CHUNK:
+            await self._send({"type": "http.response.body", "body": self.take(), "more_body": True})
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        return data
 
 
 class _Stream:

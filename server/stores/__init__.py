@@ -180,12 +180,14 @@ class LocalStore:
         await self._off_loop(self.close)
 
 
-def open_store(url: str, *, history: int = 256, history_bytes: int = 8 * 1024 * 1024) -> TaskStore:
+def open_store(
+    url: str, *, history: int = 256, history_bytes: int = 8 * 1024 * 1024, history_total_bytes: int = 1024 * 1024 * 1024
+) -> TaskStore:
     """``memory://``, ``sqlite:///relative/or//absolute/path.db``, ``redis://host:port/db``."""
     if url.startswith("memory://"):
         from .memory import MemoryStore
 
-        return MemoryStore(history=history, history_bytes=history_bytes)
+        return MemoryStore(history=history, history_bytes=history_bytes, total_bytes=history_total_bytes)
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 

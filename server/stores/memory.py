@@ -15,14 +15,20 @@ _LIVE = (TaskStatus.PENDING, TaskStatus.PROCESSING)
 
 
 class MemoryStore(LocalStore):
-    """Snapshots plus a per-task event log bounded by count and bytes (``history``, ``history_bytes``)."""
+    """Snapshots plus a per-task event log bounded by count and bytes (``history``, ``history_bytes``),
+    and by bytes across all tasks (``total_bytes``: over it, the oldest events of the largest logs go
+    first; every task keeps its newest snapshot)."""
 
-    def __init__(self, history: int = 256, history_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, history: int = 256, history_bytes: int = 8 * 1024 * 1024, total_bytes: int = 1024 * 1024 * 1024
+    ) -> None:
         self._tasks: dict[str, Task] = {}
         self._logs: dict[str, deque[tuple[int, str]]] = {}
         self._log_bytes: dict[str, int] = {}
         self._history = history
         self._history_bytes = history_bytes
+        self._total_limit = total_bytes
+        self._total = 0  # bytes in every log
         self._lock = threading.Lock()
 
     def cached(self, task_id: str) -> Task | None:
@@ -42,12 +48,30 @@ class MemoryStore(LocalStore):
                 log = self._logs[task.task_id] = deque()
                 self._log_bytes[task.task_id] = 0
             log.append((task.version, body))
-            size = self._log_bytes[task.task_id] + len(body)
+            before = self._log_bytes[task.task_id]
+            size = before + len(body)
             # Oldest out, by count and by bytes; the newest snapshot always stays.
             while len(log) > 1 and (len(log) > self._history or size > self._history_bytes):
                 size -= len(log.popleft()[1])
             self._log_bytes[task.task_id] = size
+            self._total += size - before
+            if self._total > self._total_limit:
+                self._trim_total()
         return DONE
+
+    def _trim_total(self) -> None:
+        """Over the process budget: drop the oldest events of the largest logs (lock held)."""
+        logs, sizes = self._logs, self._log_bytes
+        while self._total > self._total_limit:
+            trimmable = [task_id for task_id, log in logs.items() if len(log) > 1]
+            if not trimmable:
+                return
+            task_id = max(trimmable, key=sizes.__getitem__)
+            log = logs[task_id]
+            while len(log) > 1 and self._total > self._total_limit:
+                dropped = len(log.popleft()[1])
+                sizes[task_id] -= dropped
+                self._total -= dropped
 
     def remove(self, tasks: Iterable[Task]) -> list[Task]:
         removed: list[Task] = []
@@ -58,7 +82,7 @@ class MemoryStore(LocalStore):
                     continue
                 del self._tasks[task.task_id]
                 self._logs.pop(task.task_id, None)
-                self._log_bytes.pop(task.task_id, None)
+                self._total -= self._log_bytes.pop(task.task_id, 0)
                 removed.append(current)
         return removed
 
@@ -97,6 +121,7 @@ class MemoryStore(LocalStore):
             self._tasks.clear()
             self._logs.clear()
             self._log_bytes.clear()
+            self._total = 0
 
     # Everything is in memory: the loop may call straight through.
     async def alist(self, query: TaskQuery) -> Page:
