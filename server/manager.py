@@ -501,6 +501,8 @@ class TaskManager:
         Runs in a worker thread (it commits through the sync path)."""
         now = now or self._clock()
         out: dict[str, list[str]] = {"lease": [], "cancel": []}
+        if not self._store.try_lead("sweep", 30.0):
+            return out  # another process sweeps now
         for task in self._store.live():
             quiet = (now - task.updated_at).total_seconds()
             try:
@@ -535,6 +537,8 @@ class TaskManager:
             cutoff = self._clock() - timedelta(hours=max_age_hours)
         except OverflowError:  # a retention reaching back before year 1: nothing can be that old
             return []
+        if not self._store.try_lead("retention", 60.0):
+            return []  # another process sweeps now (each removal is announced once, by the store)
         with self._lock:
             removed = self._store.remove(self._store.terminal_before(cutoff))
             if self._bus is not None and not self._shared:
