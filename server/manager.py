@@ -16,7 +16,6 @@ for the routes, which never block the event loop and return once the change is d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import uuid
@@ -193,7 +192,11 @@ class TaskManager:
         self._bus = bus
         self._clock = clock
         self._shared = store.shared
-        self._lock: Any = contextlib.nullcontext() if self._shared else threading.Lock()
+        # In-process stores: the lock makes a change and its publish atomic. The shared store needs no
+        # lock for correctness (compare-and-set), but one process's own threads and coroutines queue
+        # per task instead of racing each other through Redis (optimistic retries starve under load).
+        self._lock: Any = threading.Lock()
+        self._task_locks: dict[str, list[Any]] = {}  # shared store: task id -> [asyncio.Lock, users]
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -422,6 +425,27 @@ class TaskManager:
         return task, body
 
     async def _achange(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
+        if self._shared:
+            async with self._queued(task_id):
+                return await self._achange_once(task_id, fields)
+        return await self._achange_once(task_id, fields)
+
+    @asynccontextmanager
+    async def _queued(self, task_id: str) -> AsyncIterator[None]:
+        """This process's changes to one task, one at a time (shared store; loop thread only)."""
+        entry = self._task_locks.get(task_id)
+        if entry is None:
+            entry = self._task_locks[task_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._task_locks[task_id]
+
+    async def _achange_once(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
         for _ in range(_RETRIES):
             current = await self._store.aget(task_id)  # memory/sqlite: in memory for a live task
             if self._shared:

@@ -249,6 +249,9 @@ class RedisStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_id: str | None = None
         self.connected = True  # the reader's view (``/readyz`` asks with a PING)
+        # aclose sets this as well as cancelling: redis-py's read timeout can swallow a cancel that
+        # lands as it fires (asyncio.timeout), so the loops also stop on the flag
+        self._stopping = False
 
     def _options(self, socket_timeout: float | None = None) -> dict[str, Any]:
         return {
@@ -518,7 +521,7 @@ class RedisStore:
         delay = 0.1
         down = False
         try:
-            while True:
+            while not self._stopping:
                 try:
                     if down:
                         await self._after_outage(client)
@@ -526,6 +529,8 @@ class RedisStore:
                         delay = 0.1
                     reply = await client.xread({EVENTS: self._last_id or "0-0"}, count=READ_COUNT, block=READ_BLOCK_MS)
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if self._stopping:
+                        return
                     if not down:
                         logger.warning("redis unreachable: the event reader retries", extra={"reason": type(exc).__name__})
                     down = True
@@ -591,7 +596,7 @@ class RedisStore:
     async def _renew_owner(self) -> None:
         assert self._owner is not None
         key = OWNER_PREFIX + self._owner
-        while True:
+        while not self._stopping:
             await asyncio.sleep(OWNER_RENEW_S)
             try:
                 await self._aclient().set(key, "1", px=OWNER_TTL_MS)
@@ -601,12 +606,20 @@ class RedisStore:
                 logger.exception("renewing the job pool's heartbeat failed")
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        self._stopping = True
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                logger.error("a redis store task failed", exc_info=result)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=1.0)
+            if pending and self._reader_client is not None:
+                await self._reader_client.connection_pool.disconnect()  # breaks a read that kept going
+                _done, pending = await asyncio.wait(pending, timeout=READ_BLOCK_MS / 1000 + 1)
+            for task in tasks:
+                if not task.done():
+                    logger.error("a redis store task did not stop", extra={"task": task.get_name()})
+                elif not task.cancelled() and task.exception() is not None:
+                    logger.error("a redis store task failed", exc_info=task.exception())
         if self._owner is not None and self._async is not None:
             try:  # a clean stop: another process may fail this pool's tasks at once
                 await self._async.delete(OWNER_PREFIX + self._owner)
