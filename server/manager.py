@@ -38,7 +38,7 @@ from .models import (
     utcnow,
 )
 from .query import MAX_LIST_LIMIT, Page, TaskQuery, parse_limit, parse_status
-from .stores import Conflict, TaskStore
+from .stores import Conflict, StoreUnavailable, TaskStore
 
 __all__ = [
     "CANCELLED",
@@ -66,6 +66,7 @@ REPLAY_PAGE = 32  # events read from the store per step of a Last-Event-ID repla
 _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
+_LEAD = object()  # handed to the change that commits the next chain (shared store)
 
 
 class FieldTooLarge(ValueError):
@@ -196,7 +197,7 @@ class TaskManager:
         # lock for correctness (compare-and-set), but one process's own threads and coroutines queue
         # per task instead of racing each other through Redis (optimistic retries starve under load).
         self._lock: Any = threading.Lock()
-        self._task_locks: dict[str, list[Any]] = {}  # shared store: task id -> [asyncio.Lock, users]
+        self._pending: dict[str, list[list[Any]]] = {}  # shared store: task id -> changes waiting for the next chain
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -425,25 +426,92 @@ class TaskManager:
         return task, body
 
     async def _achange(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
-        if self._shared:
-            async with self._queued(task_id):
-                return await self._achange_once(task_id, fields)
+        if self._shared and hasattr(self._store, "acommit_chain"):
+            return await self._achange_chained(task_id, fields)
         return await self._achange_once(task_id, fields)
 
-    @asynccontextmanager
-    async def _queued(self, task_id: str) -> AsyncIterator[None]:
-        """This process's changes to one task, one at a time (shared store; loop thread only)."""
-        entry = self._task_locks.get(task_id)
-        if entry is None:
-            entry = self._task_locks[task_id] = [asyncio.Lock(), 0]
-        entry[1] += 1
+    # -- the shared store: a process's changes to one task go out as chains -----------------------
+    # While one chain of changes to a task is being committed, the changes that arrive for it wait;
+    # the next chain takes all of them: planned one after the other from the last snapshot and
+    # committed as one compare-and-set (``acommit_chain``). A burst of PATCHes costs one round trip
+    # and reaches every reader as one batch; this process never races itself on the version.
+    async def _achange_chained(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
+        loop = asyncio.get_running_loop()
+        item: list[Any] = [fields, loop.create_future()]
+        waiting = self._pending.get(task_id)
+        if waiting is not None:  # a chain is in flight: ride along in the next one
+            waiting.append(item)
+            future = item[1]
+            try:
+                outcome = await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled() and future.result() is _LEAD:
+                    item[1].cancel()  # handed the lead as we were cancelled: pass it on
+                    self._hand_over(task_id)
+                raise
+            if outcome is not _LEAD:
+                return outcome  # type: ignore[no-any-return]
+        else:
+            self._pending[task_id] = [item]
+        # this caller leads: commit chains until its own change is settled, then hand over
         try:
-            async with entry[0]:
-                yield
+            while not item[1].done():
+                queue = self._pending[task_id]
+                batch, queue[:] = list(queue), []
+                await self._commit_chain(task_id, batch)
         finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._task_locks[task_id]
+            self._hand_over(task_id)
+        return item[1].result()  # type: ignore[no-any-return]
+
+    def _hand_over(self, task_id: str) -> None:
+        """The oldest waiting change leads the next chain; with none left the task's queue goes."""
+        queue = self._pending[task_id]
+        queue[:] = [i for i in queue if not i[1].done()]
+        if queue:
+            lead, queue[0][1] = queue[0][1], asyncio.get_running_loop().create_future()
+            lead.set_result(_LEAD)
+        else:
+            del self._pending[task_id]
+
+    async def _commit_chain(self, task_id: str, batch: list[list[Any]]) -> None:
+        """Plan ``batch`` in order from the stored snapshot; commit the ones that apply in one step."""
+        try:
+            for _ in range(_RETRIES):
+                live = [i for i in batch if not i[1].done()]  # a caller may have gone (cancelled)
+                if not live:
+                    return
+                current = await self._store.aget(task_id)
+                base, planned, refused = current, [], []
+                for item in live:
+                    try:
+                        task, body = self._plan(base, task_id, item[0])
+                    except (TaskNotFoundError, TaskStateError, ValueError) as exc:
+                        refused.append((item, exc))  # e.g. a change after a terminal one in the chain
+                        continue
+                    planned.append((item, task, body))
+                    base = task
+                if planned:
+                    try:
+                        await self._store.acommit_chain(  # type: ignore[attr-defined]
+                            [(task, body) for _i, task, body in planned], current.version  # type: ignore[union-attr]
+                        )
+                    except Conflict:
+                        continue  # another process moved the task: plan the whole batch again
+                for item, task, body in planned:
+                    if not item[1].done():
+                        item[1].set_result((task, body))
+                for item, exc in refused:
+                    if not item[1].done():
+                        item[1].set_exception(exc)
+                return
+            error: BaseException = TaskStateError("the task changed too often to apply this change; retry")
+        except BaseException as exc:  # the store failed (or this leader was cancelled): nobody waits forever
+            error = exc
+        for item in batch:
+            if not item[1].done():
+                item[1].set_exception(error if not isinstance(error, asyncio.CancelledError) else StoreUnavailable("cancelled"))
+        if isinstance(error, asyncio.CancelledError):
+            raise error
 
     async def _achange_once(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
         for _ in range(_RETRIES):

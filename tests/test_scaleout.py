@@ -324,3 +324,33 @@ def _cmdline(entry: Path) -> bytes:
         return (entry / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+async def test_concurrent_patches_through_two_processes_lose_nothing(shared_url, tmp_path):
+    """100 PATCHes at once through A and 100 through B on one task: every one accepted exactly once
+    (the final version counts them), B's stream sees strictly increasing versions to the end."""
+    async with servers(shared_url, tmp_path) as (a, b), httpx.AsyncClient(
+        timeout=httpx.Timeout(20, read=None), limits=httpx.Limits(max_connections=300)
+    ) as http:
+        task_id = (await create(http, a.url))["task_id"]
+        before = (await patch(http, a.url, task_id, status="processing")).json()["data"]["version"]
+        events: list = []
+        opened = anyio.Event()
+        codes: list[int] = []
+
+        async def one(base: str, i: int) -> None:
+            codes.append((await patch(http, base, task_id, progress=i % 100, message=f"{base[-5:]}-{i}")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow, http, f"{b.url}/tasks/{task_id}/stream", events, opened)
+            await opened.wait()
+            async with anyio.create_task_group() as producers:
+                for i in range(100):
+                    producers.start_soon(one, a.url, i)
+                    producers.start_soon(one, b.url, i)
+            assert codes == [200] * 200
+            done = await patch(http, a.url, task_id, status="completed")
+            assert done.json()["data"]["version"] == before + 201
+            await until(lambda: events and events[-1][0] == "end", what="B's stream to end")
+    seen = versions(events)
+    assert all(x < y for x, y in zip(seen, seen[1:])) and seen[-1] == before + 201

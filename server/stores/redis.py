@@ -99,11 +99,12 @@ def _us(moment: datetime) -> int:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# One change, or a chain of consecutive changes to one task (v+1, v+2, ...) committed at once.
 # KEYS: task, log, events, by_created, by_updated, finished, status x4 (pending, processing,
 #       completed, failed), type
-# ARGV: expected version ('' = must not exist), version, body, internal, status, type, created_us,
-#       updated_us, history, events maxlen, task id
-# Returns {1, events-stream id} or {0, stored version or ''} (the conflict marker).
+# ARGV: expected version ('' = must not exist), n, history, events maxlen, task id, type,
+#       created_us, internal (of the last), then n x (version, body, status, updated_us)
+# Returns {1, last events-stream id} or {0, stored version or ''} (the conflict marker).
 _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
@@ -117,22 +118,29 @@ if cur then
 else
   redis.call('DEL', KEYS[2])
 end
-redis.call('HSET', KEYS[1], 'body', ARGV[3], 'internal', ARGV[4], 'v', ARGV[2], 'status', ARGV[5],
-  'type', ARGV[6], 'created', ARGV[7], 'updated', ARGV[8])
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[9], ARGV[2] .. '-0', 'body', ARGV[3])
-local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*', 'k', 'task', 'id', ARGV[11],
-  'v', ARGV[2], 'body', ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[7], ARGV[11])
-redis.call('ZADD', KEYS[5], ARGV[8], ARGV[11])
+local n = tonumber(ARGV[2])
+local id
+for i = 0, n - 1 do
+  local b = 9 + i * 4
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[b] .. '-0', 'body', ARGV[b + 1])
+  id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'k', 'task', 'id', ARGV[5],
+    'v', ARGV[b], 'body', ARGV[b + 1])
+end
+local last = 9 + (n - 1) * 4
+local status = ARGV[last + 2]
+redis.call('HSET', KEYS[1], 'body', ARGV[last + 1], 'internal', ARGV[8], 'v', ARGV[last], 'status', status,
+  'type', ARGV[6], 'created', ARGV[7], 'updated', ARGV[last + 3])
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[last + 3], ARGV[5])
 local slot = {pending = 7, processing = 8, completed = 9, failed = 10}
-if old ~= ARGV[5] then
-  if old then redis.call('ZREM', KEYS[slot[old]], ARGV[11]) end
-  redis.call('ZADD', KEYS[slot[ARGV[5]]], ARGV[7], ARGV[11])
+if old ~= status then
+  if old then redis.call('ZREM', KEYS[slot[old]], ARGV[5]) end
+  redis.call('ZADD', KEYS[slot[status]], ARGV[7], ARGV[5])
 end
-if ARGV[5] == 'completed' or ARGV[5] == 'failed' then
-  redis.call('ZADD', KEYS[6], ARGV[8], ARGV[11])
+if status == 'completed' or status == 'failed' then
+  redis.call('ZADD', KEYS[6], ARGV[last + 3], ARGV[5])
 end
-if not cur then redis.call('ZADD', KEYS[11], ARGV[7], ARGV[11]) end
+if not cur then redis.call('ZADD', KEYS[11], ARGV[7], ARGV[5]) end
 return {1, id}
 """
 
@@ -206,20 +214,21 @@ def _keys(task: Task | str, task_type: str) -> list[str]:
     ]
 
 
-def _commit_args(task: Task, expected: int | None, body: str, history: int) -> list[Any]:
-    return [
+def _commit_args(chain: list[tuple[Task, str]], expected: int | None, history: int) -> list[Any]:
+    first, last = chain[0][0], chain[-1][0]
+    args: list[Any] = [
         "" if expected is None else str(expected),
-        str(task.version),
-        body,
-        _internal(task),
-        task.status.value,
-        task.task_type,
-        _us(task.created_at),
-        _us(task.updated_at),
+        len(chain),
         history,
         EVENTS_MAXLEN,
-        task.task_id,
+        first.task_id,
+        first.task_type,
+        _us(first.created_at),
+        _internal(last),
     ]
+    for task, body in chain:
+        args += [str(task.version), body, task.status.value, _us(task.updated_at)]
+    return args
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:
@@ -276,7 +285,7 @@ class RedisStore:
 
     def commit(self, task: Task, expected: int | None, body: str) -> Ack:
         with _guard():
-            ok, _ = self._commit_sync(keys=_keys(task, task.task_type), args=_commit_args(task, expected, body, self._history))
+            ok, _ = self._commit_sync(keys=_keys(task, task.task_type), args=_commit_args([(task, body)], expected, self._history))
         if not ok:
             raise Conflict(task.task_id)
         return DONE
@@ -464,10 +473,19 @@ class RedisStore:
         return None if body is None else _task(body, internal)
 
     async def acommit(self, task: Task, expected: int | None, body: str) -> None:
+        await self.acommit_chain([(task, body)], expected)
+
+    async def acommit_chain(self, chain: list[tuple[Task, str]], expected: int | None) -> None:
+        """Consecutive changes of one task (versions expected+1, +2, ...) in one script: all or none.
+
+        The manager gathers the changes that arrive for a task while its previous commit is in
+        flight into one chain, so a burst costs one round trip and reaches every process's reader
+        as one batch (one write per stream, as on the in-process stores)."""
         self._aclient()
+        task = chain[0][0]
         with _guard():
             ok, _ = await self._commit_async(
-                keys=_keys(task, task.task_type), args=_commit_args(task, expected, body, self._history)
+                keys=_keys(task, task.task_type), args=_commit_args(chain, expected, self._history)
             )
         if not ok:
             raise Conflict(task.task_id)
