@@ -198,6 +198,7 @@ class TaskManager:
         # per task instead of racing each other through Redis (optimistic retries starve under load).
         self._lock: Any = threading.Lock()
         self._pending: dict[str, list[list[Any]]] = {}  # shared store: task id -> changes waiting for the next chain
+        self._chain_base: dict[str, Task] = {}  # shared store: the last chain's snapshot, while more wait
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -472,15 +473,19 @@ class TaskManager:
             lead.set_result(_LEAD)
         else:
             del self._pending[task_id]
+            self._chain_base.pop(task_id, None)
 
     async def _commit_chain(self, task_id: str, batch: list[list[Any]]) -> None:
         """Plan ``batch`` in order from the stored snapshot; commit the ones that apply in one step."""
         try:
-            for _ in range(_RETRIES):
+            for attempt in range(_RETRIES):
                 live = [i for i in batch if not i[1].done()]  # a caller may have gone (cancelled)
                 if not live:
                     return
-                current = await self._store.aget(task_id)
+                # the previous chain's last snapshot while changes keep coming (a stale one conflicts)
+                current = self._chain_base.pop(task_id, None) if attempt == 0 else None
+                if current is None:
+                    current = await self._store.aget(task_id)
                 base, planned, refused = current, [], []
                 for item in live:
                     try:
@@ -497,6 +502,8 @@ class TaskManager:
                         )
                     except Conflict:
                         continue  # another process moved the task: plan the whole batch again
+                if base is not None:
+                    self._chain_base[task_id] = base
                 for item, task, body in planned:
                     if not item[1].done():
                         item[1].set_result((task, body))
