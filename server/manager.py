@@ -599,12 +599,21 @@ class TaskManager:
         """Fail tasks whose lease ran out or whose cancel grace ended; returns the ids by reason.
         Runs in a worker thread (it commits through the sync path)."""
         now = now or self._clock()
-        out: dict[str, list[str]] = {"lease": [], "cancel": []}
+        out: dict[str, list[str]] = {"lease": [], "cancel": [], "interrupted": []}
         if not self._store.try_lead("sweep", 30.0):
             return out  # another process sweeps now
+        alive = getattr(self._store, "owner_alive", None)  # shared store: job pools of other processes
+        pools: dict[str, bool] = {}
         for task in self._store.live():
             quiet = (now - task.updated_at).total_seconds()
             try:
+                if alive is not None and task.owner is not None and task.owner != self.owner:
+                    if task.owner not in pools:
+                        pools[task.owner] = alive(task.owner)
+                    if not pools[task.owner]:  # its process died (heartbeat expired) while we ran
+                        self.fail_task(task.task_id, INTERRUPTED)
+                        out["interrupted"].append(task.task_id)
+                        continue
                 if task.cancel_requested and task.cancel_at is not None and now.timestamp() - task.cancel_at > self.cancel_grace_s:
                     self.fail_task(task.task_id, CANCELLED)
                     out["cancel"].append(task.task_id)

@@ -522,3 +522,27 @@ async def test_redis_down_fails_fast_with_store_unavailable():
         assert time.monotonic() - started < 2
     finally:
         await store.aclose()
+
+
+def test_redis_sweep_fails_only_job_pool_tasks_whose_process_stopped_renewing(redis_url):
+    import redis as redis_py
+
+    from server.manager import TaskManager
+    from server.stores.redis import OWNER_PREFIX
+
+    live_pool, dead_pool, sweeper = (TaskManager(open_store(redis_url)) for _ in range(3))
+    try:
+        with redis_py.Redis.from_url(redis_url) as client:
+            client.set(OWNER_PREFIX + live_pool.owner, "1", px=60_000)  # this pool's process renews
+        running = live_pool.update_task(live_pool.create_task("job", owned=True).task_id, status="processing")
+        orphan = dead_pool.update_task(dead_pool.create_task("job", owned=True).task_id, status="processing")
+        producer = dead_pool.update_task(dead_pool.create_task("import").task_id, status="processing")
+        out = sweeper.sweep()
+        assert out["interrupted"] == [orphan.task_id]
+        assert sweeper.get_task(orphan.task_id).status is TaskStatus.FAILED
+        assert "interrupted" in sweeper.get_task(orphan.task_id).error
+        assert sweeper.get_task(running.task_id) == running
+        assert sweeper.get_task(producer.task_id) == producer
+    finally:
+        for manager in (live_pool, dead_pool, sweeper):
+            manager.close()

@@ -49,6 +49,7 @@ import redis
 import redis.asyncio as aredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -184,6 +185,8 @@ def _guard() -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+    except OutOfMemoryError:  # maxmemory reached under noeviction: writes refused, nothing lost
+        raise StoreUnavailable("redis: out of memory (maxmemory)") from None
 
 
 def _internal(task: Task) -> str:
