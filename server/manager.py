@@ -67,6 +67,7 @@ _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
 _LEAD = object()  # handed to the change that commits the next chain (shared store)
+_SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread path
 
 
 class FieldTooLarge(ValueError):
@@ -199,6 +200,7 @@ class TaskManager:
         self._lock: Any = threading.Lock()
         self._pending: dict[str, list[list[Any]]] = {}  # shared store: task id -> changes waiting for the next chain
         self._chain_base: dict[str, Task] = {}  # shared store: the last chain's snapshot, while more wait
+        self._sync_base: dict[str, Task] = {}  # shared store: the thread path's last commits (under _lock)
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -353,9 +355,12 @@ class TaskManager:
         return task
 
     def _change(self, task_id: str, fields: dict[str, Any], *, wait: bool = False, cancel_check: bool = False) -> Task:
-        for _ in range(_RETRIES):
+        for attempt in range(_RETRIES):
             with self._lock:
-                current = self._store.get(task_id)
+                # shared store: this thread's last commit of the task saves a read (a stale one conflicts)
+                current = self._sync_base.pop(task_id, None) if self._shared and attempt == 0 else None
+                if current is None:
+                    current = self._store.get(task_id)
                 if cancel_check and current is not None and current.cancel_requested:
                     raise TaskCancelled(task_id)
                 task, body = self._plan(current, task_id, fields)
@@ -363,6 +368,10 @@ class TaskManager:
                     ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
                 except Conflict:
                     continue
+                if self._shared and not task.is_terminal:
+                    self._sync_base[task_id] = task
+                    if len(self._sync_base) > _SYNC_BASES:
+                        del self._sync_base[next(iter(self._sync_base))]
                 self._publish_local(task, body)
             if wait or task.is_terminal:
                 ack.wait()

@@ -546,3 +546,21 @@ def test_redis_sweep_fails_only_job_pool_tasks_whose_process_stopped_renewing(re
     finally:
         for manager in (live_pool, dead_pool, sweeper):
             manager.close()
+
+
+def test_redis_a_thread_path_change_after_another_process_changed_the_task_applies_on_top(redis_url):
+    from server.manager import TaskManager
+    from server.models import TaskCancelled
+
+    a, b = TaskManager(open_store(redis_url)), TaskManager(open_store(redis_url))
+    try:
+        task = a.update_task(a.create_task("job").task_id, status="processing", progress=10)
+        b.update_task(task.task_id, message="from b")  # a's last snapshot is now stale
+        again = a.update_task(task.task_id, progress=20)
+        assert again.version == task.version + 2 and again.message == "from b" and again.progress == 20
+        b.cancel_task(task.task_id)
+        with pytest.raises(TaskCancelled):  # seen through the conflict, not missed from a stale copy
+            a.update_task(task.task_id, progress=30)
+    finally:
+        a.close()
+        b.close()
