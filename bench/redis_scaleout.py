@@ -32,10 +32,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.run import PY, RESULTS, ROOT, BenchError, free_port, http_get, pinning, run_loadgen
+from bench.run import (
+    PY,
+    RESULTS,
+    ROOT,
+    BenchError,
+    free_port,
+    http_get,
+    pinning,
+    run_loadgen,
+)
 
 HOST = "127.0.0.1"
 
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             redis.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"redis-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out = RESULTS / f"redis-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2))
     _table(results)
     print(f"raw: {out.relative_to(ROOT)}")

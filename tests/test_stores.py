@@ -17,7 +17,9 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings
+from conftest import free_port, running
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from server.app import create_app
@@ -26,8 +28,6 @@ from server.query import TaskQuery
 from server.settings import Settings
 from server.stores import Conflict, StoreUnavailable, open_store
 from server.stores.sqlite import SqliteStore, StoreLocked
-
-from conftest import free_port, running
 
 BASE = datetime(2026, 11, 27, 12, 0, 0, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ def test_list_newest_first_filters_and_limit(store):
     for task in tasks:
         put(store, task)
     t1, t2, t3, t4, t5 = ids(tasks)
-    q = lambda **kw: ids(store.list(TaskQuery(**kw)).tasks)  # noqa: E731
+    q = lambda **kw: ids(store.list(TaskQuery(**kw)).tasks)
     assert q() == [t5, t4, t3, t2, t1]
     assert q(task_type="build") == [t4, t3, t1]
     assert q(statuses=frozenset({TaskStatus.PROCESSING})) == [t4, t2]
@@ -416,7 +416,7 @@ async def test_a_second_process_on_the_same_file_refuses_and_changes_nothing(tmp
         done = await anyio.to_thread.run_sync(
             lambda: subprocess.run(
                 [sys.executable, "-m", "server", "serve", "--port", str(free_port()), "--store", settings.store_url],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False,
             )
         )
         assert done.returncode == 2, done.stderr

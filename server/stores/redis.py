@@ -47,10 +47,10 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -58,7 +58,7 @@ from ..models import Task, TaskStatus
 from ..query import DEFAULT_PAGE, Page, TaskQuery
 from . import DONE, Ack, Conflict, FeedCallback, StoreUnavailable
 
-__all__ = ["RedisStore", "task_key", "log_key"]
+__all__ = ["RedisStore", "log_key", "task_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -265,17 +265,18 @@ class RedisStore:
         # lands as it fires (asyncio.timeout), so the loops also stop on the flag
         self._stopping = False
 
-    def _options(self, socket_timeout: float | None = None) -> dict[str, Any]:
+    def _options(self, socket_timeout: float | None = None, *, asynchronous: bool = False) -> dict[str, Any]:
+        retry = AsyncRetry(NoBackoff(), 0) if asynchronous else Retry(NoBackoff(), 0)
         return {
             "socket_timeout": socket_timeout or self._timeout,
             "socket_connect_timeout": self._timeout,
-            "retry": Retry(NoBackoff(), 0),  # never resend: a commit must not be applied twice
+            "retry": retry,  # never resend: a commit must not be applied twice
             "health_check_interval": 0,
         }
 
     def _aclient(self) -> aredis.Redis:
         if self._async is None:
-            self._async = aredis.Redis.from_url(self.url, decode_responses=True, **self._options())
+            self._async = aredis.Redis.from_url(self.url, decode_responses=True, **self._options(asynchronous=True))
             self._commit_async = self._async.register_script(_COMMIT)
             self._lead_async = self._async.register_script(_LEAD)
         return self._async
@@ -536,7 +537,7 @@ class RedisStore:
     async def _read_loop(self) -> None:
         """XREAD BLOCK from the last id seen; after an outage go on from there (no gap, no repeat)."""
         client = aredis.Redis.from_url(
-            self.url, decode_responses=True, **self._options(socket_timeout=READ_BLOCK_MS / 1000 + 3)
+            self.url, decode_responses=True, **self._options(socket_timeout=READ_BLOCK_MS / 1000 + 3, asynchronous=True)
         )
         self._reader_client = client
         delay = 0.1
