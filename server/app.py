@@ -246,6 +246,7 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
         default_lease_s=settings.lease_s,
     )
     bus.hook = manager.recover_stale
+    store.register_owner(manager.owner)  # a shared store keeps this job pool's heartbeat
     await store.start(manager.on_feed)
     recovered = await anyio.to_thread.run_sync(manager.recover_interrupted)
     if recovered:

@@ -24,7 +24,9 @@ from .connections import limited_protocol
 from .logs import configure_logging
 from .settings import Settings, SettingsError
 
-__all__ = ["Server", "main", "uvicorn_config"]
+__all__ = ["Server", "main", "uvicorn_config", "worker_app"]
+
+_SHARED_SCHEMES = ("redis://", "rediss://", "unix://")
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,24 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"taskmon: configuration error: {exc}", file=sys.stderr)
         return 2
+    workers = args.workers or 1
+    if workers < 1:
+        print("taskmon: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if workers > 1 and not settings.store_url.startswith(_SHARED_SCHEMES):
+        print(
+            f"taskmon: --workers {workers} needs a store shared by processes; {settings.store_url} serves one "
+            "process: use --store redis://HOST:PORT/DB",
+            file=sys.stderr,
+        )
+        return 2
+    refusal = _store_refusal(settings)
+    if refusal is not None:
+        print(f"taskmon: {refusal}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.access_log)
+    if workers > 1:
+        return _serve_workers(settings, workers)
     nofile = _raise_open_file_limit()
     app = create_app(settings)
     print(f"taskmon serving on http://{settings.host}:{settings.port} (store {settings.store_url})", file=sys.stderr)
@@ -123,6 +142,63 @@ def _plain(text: object) -> str:
     return "".join(
         f"\\u{ord(ch):04x}" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in str(text)
     )
+
+
+def _store_refusal(settings: Settings) -> str | None:
+    """A one-line reason this process cannot open its store (sqlite held by another process), or None.
+
+    The lifespan would refuse too, but through uvicorn's start-up traceback; this says it plainly."""
+    if not settings.store_url.startswith("sqlite:///"):
+        return None
+    from .stores.sqlite import SqliteStore, StoreLocked
+
+    try:
+        SqliteStore(settings.store_url.removeprefix("sqlite:///")).close()
+    except StoreLocked as exc:
+        return str(exc)
+    return None
+
+
+def worker_app() -> TaskmonApp:
+    """The app factory each ``--workers`` process imports (settings come through TASKMON_* variables)."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.access_log)
+    _raise_open_file_limit()
+    return create_app(settings)
+
+
+def _serve_workers(settings: Settings, workers: int) -> int:
+    """N processes on one port (uvicorn's supervisor); they share the task state through Redis."""
+    os.environ.update(
+        {
+            "TASKMON_HOST": settings.host,
+            "TASKMON_PORT": str(settings.port),
+            "TASKMON_STORE": settings.store_url,
+            "TASKMON_DATA_DIR": str(settings.data_dir),
+            "TASKMON_LOG_LEVEL": settings.log_level,
+        }
+    )
+    print(
+        f"taskmon serving on http://{settings.host}:{settings.port} with {workers} workers (store {settings.store_url})",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(
+            "server.cli:worker_app",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            lifespan="on",
+            log_config=None,
+            access_log=settings.access_log,
+            timeout_graceful_shutdown=3,
+            server_header=False,
+            proxy_headers=False,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def _bar(task: dict[str, Any]) -> str:
@@ -255,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--workers", type=int, help="processes serving one port (needs --store redis://...)")
     serve.set_defaults(func=_serve)
     watch = commands.add_parser("watch", help="follow a task's progress; exit 0 when completed, 1 when failed")
     watch.add_argument("task_id")

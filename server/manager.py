@@ -16,7 +16,6 @@ for the routes, which never block the event loop and return once the change is d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import operator
@@ -41,7 +40,7 @@ from .models import (
     utcnow,
 )
 from .query import MAX_LIST_LIMIT, Page, TaskQuery, parse_limit, parse_status
-from .stores import Conflict, TaskStore
+from .stores import Conflict, StoreUnavailable, TaskStore
 
 __all__ = [
     "CANCELLED",
@@ -74,6 +73,8 @@ OPENING_READS = 4
 _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
+_LEAD = object()  # handed to the change that commits the next chain (shared store)
+_SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread path
 
 
 class FieldTooLarge(ValueError):
@@ -214,7 +215,13 @@ class TaskManager:
         self._bus = bus
         self._clock = clock
         self._shared = store.shared
-        self._lock: Any = contextlib.nullcontext() if self._shared else threading.Lock()
+        # In-process stores: the lock makes a change and its publish atomic. The shared store needs no
+        # lock for correctness (compare-and-set), but one process's own threads and coroutines queue
+        # per task instead of racing each other through Redis (optimistic retries starve under load).
+        self._lock: Any = threading.Lock()
+        self._pending: dict[str, list[list[Any]]] = {}  # shared store: task id -> changes waiting for the next chain
+        self._chain_base: dict[str, Task] = {}  # shared store: the last chain's snapshot, while more wait
+        self._sync_base: dict[str, Task] = {}  # shared store: the thread path's last commits (under _lock)
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -380,9 +387,12 @@ class TaskManager:
         cancel_check: bool = False,
         only_version: int | None = None,
     ) -> Task:
-        for _ in range(_RETRIES):
+        for attempt in range(_RETRIES):
             with self._lock:
-                current = self._store.get(task_id)
+                # shared store: this thread's last commit of the task saves a read (a stale one conflicts)
+                current = self._sync_base.pop(task_id, None) if self._shared and attempt == 0 else None
+                if current is None:
+                    current = self._store.get(task_id)
                 if cancel_check and current is not None and current.cancel_requested:
                     raise TaskCancelled(task_id)
                 if only_version is not None and current is not None and current.version != only_version:
@@ -392,6 +402,10 @@ class TaskManager:
                     ack = self._store.commit(task, current.version, body)  # type: ignore[union-attr]
                 except Conflict:
                     continue
+                if self._shared and not task.is_terminal:
+                    self._sync_base[task_id] = task
+                    if len(self._sync_base) > _SYNC_BASES:
+                        del self._sync_base[next(iter(self._sync_base))]
                 self._publish_local(task, body)
             if wait or task.is_terminal:
                 ack.wait()
@@ -456,6 +470,100 @@ class TaskManager:
         return task, body
 
     async def _achange(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
+        if self._shared and hasattr(self._store, "acommit_chain"):
+            return await self._achange_chained(task_id, fields)
+        return await self._achange_once(task_id, fields)
+
+    # -- the shared store: a process's changes to one task go out as chains -----------------------
+    # While one chain of changes to a task is being committed, the changes that arrive for it wait;
+    # the next chain takes all of them: planned one after the other from the last snapshot and
+    # committed as one compare-and-set (``acommit_chain``). A burst of PATCHes costs one round trip
+    # and reaches every reader as one batch; this process never races itself on the version.
+    async def _achange_chained(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
+        loop = asyncio.get_running_loop()
+        item: list[Any] = [fields, loop.create_future()]
+        waiting = self._pending.get(task_id)
+        if waiting is not None:  # a chain is in flight: ride along in the next one
+            waiting.append(item)
+            future = item[1]
+            try:
+                outcome = await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled() and future.result() is _LEAD:
+                    item[1].cancel()  # handed the lead as we were cancelled: pass it on
+                    self._hand_over(task_id)
+                raise
+            if outcome is not _LEAD:
+                return outcome  # type: ignore[no-any-return]
+        else:
+            self._pending[task_id] = [item]
+        # this caller leads: commit chains until its own change is settled, then hand over
+        try:
+            while not item[1].done():
+                queue = self._pending[task_id]
+                batch, queue[:] = list(queue), []
+                await self._commit_chain(task_id, batch)
+        finally:
+            self._hand_over(task_id)
+        return item[1].result()  # type: ignore[no-any-return]
+
+    def _hand_over(self, task_id: str) -> None:
+        """The oldest waiting change leads the next chain; with none left the task's queue goes."""
+        queue = self._pending[task_id]
+        queue[:] = [i for i in queue if not i[1].done()]
+        if queue:
+            lead, queue[0][1] = queue[0][1], asyncio.get_running_loop().create_future()
+            lead.set_result(_LEAD)
+        else:
+            del self._pending[task_id]
+            self._chain_base.pop(task_id, None)
+
+    async def _commit_chain(self, task_id: str, batch: list[list[Any]]) -> None:
+        """Plan ``batch`` in order from the stored snapshot; commit the ones that apply in one step."""
+        try:
+            for attempt in range(_RETRIES):
+                live = [i for i in batch if not i[1].done()]  # a caller may have gone (cancelled)
+                if not live:
+                    return
+                # the previous chain's last snapshot while changes keep coming (a stale one conflicts)
+                current = self._chain_base.pop(task_id, None) if attempt == 0 else None
+                if current is None:
+                    current = await self._store.aget(task_id)
+                base, planned, refused = current, [], []
+                for item in live:
+                    try:
+                        task, body = self._plan(base, task_id, item[0])
+                    except (TaskNotFoundError, TaskStateError, ValueError) as exc:
+                        refused.append((item, exc))  # e.g. a change after a terminal one in the chain
+                        continue
+                    planned.append((item, task, body))
+                    base = task
+                if planned:
+                    try:
+                        await self._store.acommit_chain(  # type: ignore[attr-defined]
+                            [(task, body) for _i, task, body in planned], current.version  # type: ignore[union-attr]
+                        )
+                    except Conflict:
+                        continue  # another process moved the task: plan the whole batch again
+                if base is not None:
+                    self._chain_base[task_id] = base
+                for item, task, body in planned:
+                    if not item[1].done():
+                        item[1].set_result((task, body))
+                for item, exc in refused:
+                    if not item[1].done():
+                        item[1].set_exception(exc)
+                return
+            error: BaseException = TaskStateError("the task changed too often to apply this change; retry")
+        except BaseException as exc:  # the store failed (or this leader was cancelled): nobody waits forever
+            error = exc
+        for item in batch:
+            if not item[1].done():
+                item[1].set_exception(error if not isinstance(error, asyncio.CancelledError) else StoreUnavailable("cancelled"))
+        if isinstance(error, asyncio.CancelledError):
+            raise error
+
+    async def _achange_once(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
         for _ in range(_RETRIES):
             if self._shared:
                 current = await self._store.aget(task_id)
@@ -540,10 +648,21 @@ class TaskManager:
         """Fail tasks whose lease ran out or whose cancel grace ended; returns the ids by reason.
         Runs in a worker thread (it commits through the sync path)."""
         now = now or self._clock()
-        out: dict[str, list[str]] = {"lease": [], "cancel": []}
+        out: dict[str, list[str]] = {"lease": [], "cancel": [], "interrupted": []}
+        if not self._store.try_lead("sweep", 30.0):
+            return out  # another process sweeps now
+        alive = getattr(self._store, "owner_alive", None)  # shared store: job pools of other processes
+        pools: dict[str, bool] = {}
         for task in self._store.live():
             quiet = (now - task.updated_at).total_seconds()
             try:
+                if alive is not None and task.owner is not None and task.owner != self.owner:
+                    if task.owner not in pools:
+                        pools[task.owner] = alive(task.owner)
+                    if not pools[task.owner]:  # its process died (heartbeat expired) while we ran
+                        self.fail_task(task.task_id, INTERRUPTED)
+                        out["interrupted"].append(task.task_id)
+                        continue
                 if task.cancel_requested and task.cancel_at is not None and now.timestamp() - task.cancel_at > self.cancel_grace_s:
                     self.fail_task(task.task_id, CANCELLED)
                     out["cancel"].append(task.task_id)
@@ -577,6 +696,8 @@ class TaskManager:
             cutoff = self._clock() - timedelta(hours=max_age_hours)
         except OverflowError:  # a retention reaching back before year 1: nothing can be that old
             return []
+        if not self._store.try_lead("retention", 60.0):
+            return []  # another process sweeps now (each removal is announced once, by the store)
         with self._lock:
             removed = self._store.remove(self._store.terminal_before(cutoff))
             if self._bus is not None and not self._shared:

@@ -48,6 +48,7 @@ from .bus import Event, EventBus, Subscriber, encode_json
 from .manager import AllTasksSubscription, TaskSubscription
 from .models import TaskNotFoundError, TaskStatus, is_task_id
 from .query import TaskQuery
+from .stores import StoreUnavailable
 
 if TYPE_CHECKING:
     from .app import TaskmonApp
@@ -250,6 +251,11 @@ async def _open(app: TaskmonApp, scope: Scope, send: Send, task_id: str | None) 
         await send({"type": "http.response.body", "body": opening, "more_body": True})
         subscription = None  # the stream owns it now
         return stream
+    except StoreUnavailable:
+        logger.warning("stream not opened: the store is unreachable", extra={"task_id": task_id})
+        if not started:
+            await _error(send, 503, "the task store is not reachable; retry later", [(b"retry-after", b"1")])
+        return None
     except Exception:
         logger.exception("stream failed to open", extra={"path": scope.get("path"), "task_id": task_id})
         if not started:

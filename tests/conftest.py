@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -161,3 +163,78 @@ def live_server() -> Callable[[Settings], Any]:
             await server.stop()
 
     return start
+
+
+# -- a real redis-server (the redis:// store's tests) -----------------------------------------------
+
+class RedisServer:
+    """``redis-server`` on a free port in a tmp dir (``appendonly``: data survives a restart)."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False, port: int | None = None) -> None:
+        self.binary = require_tool("redis-server", "the redis:// store's tests run a real Redis")
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.workdir), "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always" if self.appendonly else "everysec", "--loglevel", "warning"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("redis-server did not start") from None
+                    time.sleep(0.02)  # polling a start-up condition under a deadline
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            if self.process.stderr is not None:
+                self.process.stderr.close()
+            self.process = None
+
+    def flush(self) -> None:
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (or REDIS_URL when given); tests flush it via ``redis_url``."""
+    given = os.environ.get("REDIS_URL")
+    if given:
+        server = RedisServer.__new__(RedisServer)
+        server.url = given
+        server.port = int(given.rsplit(":", 1)[1].split("/")[0])
+        server.process = None
+        yield server
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url

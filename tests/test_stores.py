@@ -1,63 +1,108 @@
-"""One store contract, run over memory:// and sqlite:///, plus the sqlite restart through the app."""
+"""One store contract over memory://, sqlite:/// and redis:// (a real redis-server), plus what only
+one store promises: sqlite's restart and one-process lock, redis's races, reader and faults."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+from conftest import free_port, running
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from server.app import create_app
 from server.models import Task, TaskStatus
+from server.query import TaskQuery
 from server.settings import Settings
-from server.stores import open_store
-from server.stores.sqlite import SqliteStore
-
-from conftest import running
+from server.stores import Conflict, StoreUnavailable, open_store
+from server.stores.sqlite import SqliteStore, StoreLocked
 
 BASE = datetime(2026, 11, 27, 12, 0, 0, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ["memory", "sqlite", "redis"]
 
 
 def make(n: int, task_type: str = "build", status: TaskStatus = TaskStatus.PENDING, **changes) -> Task:
     """The n-th task: created n seconds after BASE (so creation order == n)."""
     created = BASE + timedelta(seconds=n)
-    values = dict(
-        task_id=str(uuid.uuid4()),
-        task_type=task_type,
-        status=status,
-        created_at=created,
-        updated_at=created,
-    )
+    values = dict(task_id=str(uuid.uuid4()), task_type=task_type, status=status, created_at=created, updated_at=created)
     values.update(changes)
     return Task(**values)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/store.db"
-    opened = open_store(url)
+def body_of(task: Task) -> str:
+    from server.manager import encode_task
+
+    return encode_task(task)
+
+
+def put(store, task: Task, expected: int | None = None) -> Task:
+    """Commit ``task`` (created when ``expected`` is None) and wait until it is stored."""
+    store.commit(task, expected, body_of(task)).wait(10)
+    return task
+
+
+def bump(store, task: Task, **changes) -> Task:
+    newer = replace(task, version=task.version + 1, updated_at=task.updated_at + timedelta(seconds=1), **changes)
+    return put(store, newer, task.version)
+
+
+def open_kind(kind: str, tmp_path: Path, redis_url: str | None, history: int = 256):
+    if kind == "memory":
+        return open_store("memory://", history=history)
+    if kind == "sqlite":
+        return open_store(f"sqlite:///{tmp_path}/store-{uuid.uuid4().hex[:6]}.db", history=history)
+    assert redis_url is not None
+    return open_store(redis_url, history=history)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def url_for_redis(kind: str, request: pytest.FixtureRequest) -> str | None:
+    return request.getfixturevalue("redis_url") if kind == "redis" else None
+
+
+@pytest.fixture
+def store(kind: str, tmp_path: Path, url_for_redis: str | None) -> Iterator:
+    opened = open_kind(kind, tmp_path, url_for_redis)
     yield opened
     opened.close()
 
 
-def test_open_store_picks_the_class(tmp_path):
-    memory = open_store("memory://")
-    sqlite = open_store(f"sqlite:///{tmp_path}/x.db")
+def ids(tasks) -> list[str]:
+    return [t.task_id for t in tasks]
+
+
+# -- the contract -----------------------------------------------------------------------------------
+
+def test_open_store_picks_the_class(tmp_path, redis_url):
+    stores = [open_store("memory://"), open_store(f"sqlite:///{tmp_path}/x.db"), open_store(redis_url)]
     try:
-        assert type(memory).__name__ == "MemoryStore"
-        assert isinstance(sqlite, SqliteStore)
-        assert sqlite.path == tmp_path / "x.db"
+        assert [type(s).__name__ for s in stores] == ["MemoryStore", "SqliteStore", "RedisStore"]
+        assert [s.shared for s in stores] == [False, False, True]
+        assert stores[1].path == tmp_path / "x.db"
     finally:
-        memory.close()
-        sqlite.close()
+        for s in stores:
+            s.close()
 
 
-@pytest.mark.parametrize("url", ["postgres://x", "redis://localhost:6379/0", "file:///x"])
+@pytest.mark.parametrize("url", ["postgres://x", "file:///x"])
 def test_open_store_refuses_what_it_cannot_serve(url):
     with pytest.raises(ValueError):
         open_store(url)
@@ -67,55 +112,71 @@ def test_get_missing_is_none(store):
     assert store.get(str(uuid.uuid4())) is None
 
 
-def test_save_then_get_returns_an_equal_snapshot(store):
+def test_commit_then_get_returns_an_equal_snapshot_with_its_internal_fields(store):
     task = make(
         1,
-        status=TaskStatus.FAILED,
+        status=TaskStatus.PROCESSING,
         progress=55,
         message="ünïcødé ✓",
-        progress_detail={"batch": 3, "total_batches": 10, "nested": {"a": [1, 2.5, None]}},
-        result=None,
-        error="boom",
+        progress_detail={"batch": 3, "nested": {"a": [1, 2.5, None]}},
         metadata={"project_id": "p", "emoji": "🚀"},
-        version=9,
         updated_at=BASE + timedelta(hours=1, microseconds=7),
+        owner="pool-1",
+        samples=((1.5, 10), (2.5, 55)),
+        cancel_at=3.25,
     )
-    store.save(task)
+    put(store, task)
     got = store.get(task.task_id)
     assert got == task
     assert got.to_dict() == task.to_dict()
+    assert (got.owner, got.samples, got.cancel_at) == ("pool-1", ((1.5, 10), (2.5, 55)), 3.25)
 
 
-def test_save_replaces_the_snapshot(store):
-    task = make(1)
-    store.save(task)
-    newer = replace(task, status=TaskStatus.PROCESSING, progress=10, version=2, updated_at=task.updated_at + timedelta(seconds=1))
-    store.save(newer)
+def test_commit_is_a_compare_and_set_on_the_version(store):
+    task = put(store, make(1))
+    with pytest.raises(Conflict):
+        put(store, task)  # it exists already
+    newer = bump(store, task, status=TaskStatus.PROCESSING, progress=10)
+    with pytest.raises(Conflict):
+        put(store, replace(newer, version=3, progress=20), 1)  # computed from a version that moved on
+    with pytest.raises(Conflict):
+        put(store, replace(make(2), version=2), 1)  # does not exist
     assert store.get(task.task_id) == newer
-    assert store.list() == [newer]
-    assert store.count_by_status()[TaskStatus.PENDING] == 0
-    assert store.count_by_status()[TaskStatus.PROCESSING] == 1
+    assert [v for v, _b in store.events(task.task_id, 0, 10)] == [1, 2]
 
 
-def test_a_replaced_snapshot_keeps_its_place_in_the_list(store):
-    a, b, c = make(1), make(2), make(3)
-    for task in (a, b, c):
-        store.save(task)
-    store.save(replace(a, progress=5, version=2, updated_at=BASE + timedelta(hours=1)))
-    assert [t.task_id for t in store.list()] == [c.task_id, b.task_id, a.task_id]
+def test_events_page_by_version_and_trim_to_history(kind, tmp_path, url_for_redis):
+    store = open_kind(kind, tmp_path, url_for_redis, history=4)
+    try:
+        task = put(store, make(1))
+        for progress in range(1, 10):
+            task = bump(store, task, status=TaskStatus.PROCESSING, progress=progress)
+        if kind == "sqlite":
+            store.flush()
+        events = store.events(task.task_id, 0, 100)
+        assert [v for v, _b in events] == [7, 8, 9, 10]  # the newest four are held
+        assert events[-1][1] == body_of(task)
+        assert [v for v, _b in store.events(task.task_id, 7, 2)] == [8, 9]
+        assert [v for v, _b in store.events(task.task_id, 8, 100)] == [9, 10]
+        assert store.events(task.task_id, 10, 100) == []
+        assert store.events(str(uuid.uuid4()), 0, 100) == []
+    finally:
+        store.close()
 
 
-def test_delete(store):
-    a, b, c = make(1), make(2), make(3)
-    for task in (a, b, c):
-        store.save(task)
-    store.delete([a.task_id, c.task_id, str(uuid.uuid4())])  # a missing id is no error
+def test_remove_deletes_only_unchanged_tasks(store, kind):
+    a, c = (put(store, make(n, status=TaskStatus.COMPLETED)) for n in (1, 3))
+    b = put(store, make(2, status=TaskStatus.PROCESSING))
+    b2 = put(store, replace(b, version=2, message="moved on"), 1)  # changed after it was chosen
+    removed = store.remove([a, b, c])
+    if kind != "sqlite":  # sqlite deletes by version in its writer and reports what it was given
+        assert sorted(ids(removed)) == sorted([a.task_id, c.task_id])
     assert store.get(a.task_id) is None
     assert store.get(c.task_id) is None
-    assert store.get(b.task_id) == b
-    assert store.list() == [b]
-    store.delete([])
-    assert store.list() == [b]
+    assert store.get(b.task_id) == b2
+    assert store.events(a.task_id, 0, 10) == []
+    assert ids(store.list(TaskQuery()).tasks) == [b.task_id]
+    assert store.remove([]) == []
 
 
 def test_list_newest_first_filters_and_limit(store):
@@ -127,58 +188,96 @@ def test_list_newest_first_filters_and_limit(store):
         make(5, "other", TaskStatus.FAILED),
     ]
     for task in tasks:
-        store.save(task)
-    ids = lambda found: [t.task_id for t in found]  # noqa: E731
-    t1, t2, t3, t4, t5 = (t.task_id for t in tasks)
-    assert store.list() == list(reversed(tasks))
-    assert ids(store.list(task_type="build")) == [t4, t3, t1]
-    assert ids(store.list(status=TaskStatus.PROCESSING)) == [t4, t2]
-    assert ids(store.list(task_type="other", status=TaskStatus.FAILED)) == [t5]
-    assert ids(store.list(task_type="build", status=TaskStatus.FAILED)) == []
-    assert ids(store.list(task_type="missing")) == []
-    assert ids(store.list(limit=1)) == [t5]
-    assert ids(store.list(limit=3)) == [t5, t4, t3]
-    assert ids(store.list(limit=100)) == [t5, t4, t3, t2, t1]
-    assert ids(store.list(task_type="build", limit=2)) == [t4, t3]
-    assert ids(store.list(status=TaskStatus.PROCESSING, limit=1)) == [t4]
+        put(store, task)
+    t1, t2, t3, t4, t5 = ids(tasks)
+    q = lambda **kw: ids(store.list(TaskQuery(**kw)).tasks)
+    assert q() == [t5, t4, t3, t2, t1]
+    assert q(task_type="build") == [t4, t3, t1]
+    assert q(statuses=frozenset({TaskStatus.PROCESSING})) == [t4, t2]
+    assert q(statuses=frozenset({TaskStatus.PROCESSING, TaskStatus.FAILED})) == [t5, t4, t2]
+    assert q(task_type="other", statuses=frozenset({TaskStatus.FAILED})) == [t5]
+    assert q(task_type="missing") == []
+    assert q(limit=3) == [t5, t4, t3]
+    assert q(sort="created") == [t1, t2, t3, t4, t5]
+    first = store.list(TaskQuery(limit=2))
+    assert ids(first.tasks) == [t5, t4] and first.next_cursor
+    query = TaskQuery.from_params({"limit": "2", "cursor": first.next_cursor})
+    second = store.list(query)
+    assert ids(second.tasks) == [t3, t2]
+    third = store.list(TaskQuery.from_params({"limit": "2", "cursor": second.next_cursor}))
+    assert ids(third.tasks) == [t1] and third.next_cursor is None
 
 
-def test_list_same_creation_time_falls_back_to_creation_order(store):
+def test_equal_creation_times_order_by_task_id(store):
     same = [make(1) for _ in range(5)]
     for task in same:
-        store.save(task)
-    assert [t.task_id for t in store.list()] == [t.task_id for t in reversed(same)]
+        put(store, task)
+    expected = sorted(ids(same), reverse=True)
+    assert ids(store.list(TaskQuery()).tasks) == expected
+    page = store.list(TaskQuery(limit=2))
+    rest = store.list(TaskQuery.from_params({"cursor": page.next_cursor}))
+    assert ids(page.tasks) + ids(rest.tasks) == expected
 
 
-def test_list_orders_by_creation_time_not_by_save_order(store):
-    older, newer, newest = make(1), make(2), make(3)
-    for task in (newer, newest, older):  # saved out of creation order
-        store.save(task)
-    assert [t.task_id for t in store.list()] == [newest.task_id, newer.task_id, older.task_id]
-    assert [t.task_id for t in store.list(limit=2)] == [newest.task_id, newer.task_id]
+_STATUSES = list(TaskStatus)
+_task_spec = st.tuples(
+    st.integers(0, 30),  # created second (ties on purpose)
+    st.integers(0, 40),  # updated offset
+    st.sampled_from(_STATUSES),
+    st.sampled_from(["build", "report", "export"]),
+    st.sampled_from(["alpha", "beta gamma", "delta"]),
+)
+_query_spec = st.fixed_dictionaries(
+    {},
+    optional={
+        "statuses": st.frozensets(st.sampled_from(_STATUSES), min_size=1),
+        "task_type": st.sampled_from(["build", "report", "nope"]),
+        "created_after": st.integers(0, 30).map(lambda s: BASE + timedelta(seconds=s)),
+        "created_before": st.integers(0, 30).map(lambda s: BASE + timedelta(seconds=s)),
+        "updated_after": st.integers(0, 70).map(lambda s: BASE + timedelta(seconds=s)),
+        "q": st.sampled_from(["gamma", "alp", "zzz"]),
+        "sort": st.sampled_from(["-created", "created", "-updated", "updated"]),
+        "limit": st.integers(1, 7),
+    },
+)
 
 
-def test_terminal_before(store):
-    cutoff = BASE + timedelta(hours=1)
-    old_done = make(1, status=TaskStatus.COMPLETED)
-    old_failed = make(2, status=TaskStatus.FAILED)
-    old_live = make(3, status=TaskStatus.PROCESSING)
-    old_pending = make(4)
-    at_cutoff = make(5, status=TaskStatus.COMPLETED, updated_at=cutoff)
-    new_done = make(6, status=TaskStatus.FAILED, updated_at=cutoff + timedelta(microseconds=1))
-    for task in (old_done, old_failed, old_live, old_pending, at_cutoff, new_done):
-        store.save(task)
-    found = store.terminal_before(cutoff)
-    assert sorted(t.task_id for t in found) == sorted([old_done.task_id, old_failed.task_id])
-    assert all(isinstance(t, Task) for t in found)
-    assert store.terminal_before(BASE) == []
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(_task_spec, max_size=14), query=_query_spec)
+def test_list_and_counts_match_the_reference(store, kind, specs, query):
+    """Every page of every query, followed by cursor, equals ``TaskQuery.apply`` on the same tasks."""
+    store.remove(store.list(TaskQuery()).tasks)  # a fresh set per example
+    if kind == "sqlite":
+        store.flush()
+    tasks = []
+    for created_s, updated_s, status, task_type, message in specs:
+        created = BASE + timedelta(seconds=created_s)
+        task = make(0, task_type, status, created_at=created, updated_at=created + timedelta(seconds=updated_s), message=message)
+        tasks.append(put(store, task))
+    if kind == "sqlite":
+        store.flush()
+    q = TaskQuery(**query)
+    cursor = None
+    for _ in range(20):
+        page_query = replace(q, after=q.decode_cursor(cursor)) if cursor else q
+        got, want = store.list(page_query), page_query.apply(tasks)
+        assert ids(got.tasks) == ids(want.tasks)
+        assert got.next_cursor == want.next_cursor
+        cursor = got.next_cursor
+        if cursor is None:
+            break
+    want_counts = dict.fromkeys(TaskStatus, 0)
+    for task in tasks:
+        if q.matches(task):
+            want_counts[task.status] += 1
+    assert store.counts(q) == want_counts
 
 
-def test_count_by_status_has_every_status(store):
-    assert store.count_by_status() == dict.fromkeys(TaskStatus, 0)
+def test_counts_have_every_status(store):
+    assert store.counts(TaskQuery()) == dict.fromkeys(TaskStatus, 0)
     for n, status in enumerate([TaskStatus.PENDING, TaskStatus.PENDING, TaskStatus.FAILED]):
-        store.save(make(n, status=status))
-    assert store.count_by_status() == {
+        put(store, make(n, status=status))
+    assert store.counts(TaskQuery()) == {
         TaskStatus.PENDING: 2,
         TaskStatus.PROCESSING: 0,
         TaskStatus.COMPLETED: 0,
@@ -186,17 +285,33 @@ def test_count_by_status_has_every_status(store):
     }
 
 
+def test_live_and_terminal_before(store):
+    cutoff = BASE + timedelta(hours=1)
+    old_done = put(store, make(1, status=TaskStatus.COMPLETED))
+    old_failed = put(store, make(2, status=TaskStatus.FAILED))
+    old_live = put(store, make(3, status=TaskStatus.PROCESSING))
+    pending = put(store, make(4))
+    put(store, make(5, status=TaskStatus.COMPLETED, updated_at=cutoff))
+    put(store, make(6, status=TaskStatus.FAILED, updated_at=cutoff + timedelta(microseconds=1)))
+    finished = bump(store, pending, status=TaskStatus.FAILED)  # leaves the live set
+    assert sorted(ids(store.live())) == sorted([old_live.task_id])
+    found = store.terminal_before(cutoff)
+    assert sorted(ids(found)) == sorted([old_done.task_id, old_failed.task_id, finished.task_id])
+    assert all(isinstance(t, Task) for t in found)
+    assert store.terminal_before(BASE) == []
+
+
 def test_safe_from_many_threads(store):
-    tasks = [make(n) for n in range(400)]
+    tasks = [make(n) for n in range(200)]
     errors: list[BaseException] = []
 
     def writer(chunk: list[Task]) -> None:
         try:
             for task in chunk:
-                store.save(task)
-                store.save(replace(task, version=2, status=TaskStatus.PROCESSING))
+                put(store, task)
+                bump(store, task, status=TaskStatus.PROCESSING)
                 assert store.get(task.task_id) is not None
-                store.list(limit=5)
+                store.list(TaskQuery(limit=5))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -206,58 +321,246 @@ def test_safe_from_many_threads(store):
     for thread in threads:
         thread.join(30)
     assert errors == []
-    assert store.count_by_status()[TaskStatus.PROCESSING] == 400
-    assert [t.task_id for t in store.list()] == [t.task_id for t in reversed(tasks)]
+    assert store.counts(TaskQuery())[TaskStatus.PROCESSING] == 200
+    assert ids(store.list(TaskQuery()).tasks) == ids(reversed(tasks))
 
+
+# -- async twins --------------------------------------------------------------------------------
+
+@pytest.mark.anyio
+async def test_async_twins_agree_with_the_sync_methods(store):
+    task = make(1)
+    await store.acommit(task, None, body_of(task))
+    with pytest.raises(Conflict):
+        await store.acommit(task, None, body_of(task))
+    newer = replace(task, version=2, status=TaskStatus.PROCESSING)
+    await store.acommit(newer, 1, body_of(newer))
+    assert await store.aget(task.task_id) == newer == store.get(task.task_id)
+    assert await store.aevents(task.task_id, 0, 10) == store.events(task.task_id, 0, 10)
+    assert ids((await store.alist(TaskQuery())).tasks) == [task.task_id]
+    assert (await store.acounts(TaskQuery()))[TaskStatus.PROCESSING] == 1
+    assert ids(await store.alive()) == [task.task_id]
+    await store.aping()
+
+
+# -- sqlite: one process per file, and restarts ---------------------------------------------------
 
 def test_sqlite_file_survives_reopening(tmp_path):
     path = tmp_path / "nested" / "dir" / "tasks.db"  # missing parents are created
     first = SqliteStore(path)
-    task = make(1, status=TaskStatus.COMPLETED, result={"ok": True}, version=4)
-    first.save(task)
+    task = put(first, make(1, status=TaskStatus.COMPLETED, result={"ok": True}))
+    live = put(first, make(2, status=TaskStatus.PROCESSING, owner="pool"))
     first.close()
     second = SqliteStore(path)
     try:
         assert second.get(task.task_id) == task
-        assert second.list() == [task]
+        assert ids(second.live()) == [live.task_id]
+        assert ids(second.list(TaskQuery()).tasks) == [live.task_id, task.task_id]
     finally:
         second.close()
 
 
-# -- restart through the app ---------------------------------------------------------------------
+def test_sqlite_refuses_a_second_opener_with_a_clear_message(tmp_path):
+    first = SqliteStore(tmp_path / "t.db")
+    try:
+        with pytest.raises(StoreLocked) as refused:
+            SqliteStore(tmp_path / "t.db")
+        message = str(refused.value)
+        assert str(tmp_path / "t.db") in message and "redis://" in message and str(os.getpid()) in message
+    finally:
+        first.close()
+    SqliteStore(tmp_path / "t.db").close()  # free again once the first closed
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(store_url=f"sqlite:///{tmp_path}/t.db", data_dir=tmp_path / "data", cleanup_interval_s=3600)
+
 
 @pytest.mark.anyio
-async def test_sqlite_restart_keeps_finished_tasks_and_fails_interrupted_ones(tmp_path):
-    settings = Settings(store_url=f"sqlite:///{tmp_path}/t.db", data_dir=tmp_path / "data", cleanup_interval_s=3600)
-
+async def test_sqlite_restart_keeps_a_producers_task_alive_and_fails_only_the_job_pools(tmp_path):
+    settings = _settings(tmp_path)
     async with running(create_app(settings)) as app:
         manager = app.state.manager
         done = manager.create_task("graph_build", {"project_id": "p1"})
         manager.update_task(done.task_id, status="processing", progress=50)
-        manager.complete_task(done.task_id, {"graph_id": "g1", "nodes": 3})
-        live = manager.create_task("graph_build")
-        live_before = manager.update_task(live.task_id, status="processing", progress=40, message="halfway")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
+        manager.complete_task(done.task_id, {"graph_id": "g1"})
+        job = manager.create_task("graph_build", owned=True)
+        job_before = manager.update_task(job.task_id, status="processing", progress=40)
+        producer = manager.create_task("import")
+        producer_before = manager.update_task(producer.task_id, status="processing", progress=30)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             done_json = (await http.get(f"/api/graph/task/{done.task_id}")).json()
-    assert done_json["data"]["status"] == "completed"
 
     async with running(create_app(settings)) as app:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             again = await http.get(f"/api/graph/task/{done.task_id}")
-            interrupted = await http.get(f"/api/graph/task/{live.task_id}")
-            listing = await http.get("/api/graph/tasks")
-    assert again.status_code == 200
+            interrupted = (await http.get(f"/api/graph/task/{job.task_id}")).json()["data"]
+            kept = (await http.get(f"/api/graph/task/{producer.task_id}")).json()["data"]
+            patched = await http.patch(f"/api/tasks/{producer.task_id}", json={"progress": 60})
     assert again.json() == done_json  # byte-for-byte the same task JSON after the restart
-    assert interrupted.status_code == 200
-    data = interrupted.json()["data"]
-    assert data["status"] == "failed"
-    assert "interrupted" in data["error"]
-    assert data["version"] == live_before.version + 1
-    assert data["progress"] == 40
-    assert data["created_at"] == live_before.to_dict()["created_at"]
-    assert data["updated_at"] > live_before.to_dict()["updated_at"]
-    assert [t["task_id"] for t in listing.json()["data"]] == [live.task_id, done.task_id]
+    assert interrupted["status"] == "failed" and "interrupted" in interrupted["error"]
+    assert interrupted["version"] == job_before.version + 1
+    assert kept == producer_before.to_dict()  # untouched by the restart
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["data"]["version"] == producer_before.version + 1
 
-    # a third start finds nothing left to recover: the failed task stays exactly as it was
+
+@pytest.mark.anyio
+async def test_a_second_process_on_the_same_file_refuses_and_changes_nothing(tmp_path):
+    settings = _settings(tmp_path)
     async with running(create_app(settings)) as app:
-        assert app.state.manager.get_task(live.task_id).to_dict() == data
+        manager = app.state.manager
+        job = manager.create_task("graph_build", owned=True)
+        job = manager.update_task(job.task_id, status="processing", progress=40)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMON_")}
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "server", "serve", "--port", str(free_port()), "--store", settings.store_url],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False,
+            )
+        )
+        assert done.returncode == 2, done.stderr
+        assert "in use by another taskmon process" in done.stderr and "redis://" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert manager.get_task(job.task_id) == job  # still processing, same version
+        assert manager.update_task(job.task_id, progress=50).version == job.version + 1
+
+
+# -- redis only: races, the reader, faults ---------------------------------------------------------
+
+def test_redis_racing_finishers_exactly_one_wins(redis_url):
+    """Two stores (as two processes) finish one task at once: one commit wins, the other conflicts."""
+    from server.manager import TaskManager
+    from server.models import TaskStateError
+
+    managers = [TaskManager(open_store(redis_url)) for _ in range(2)]
+    try:
+        task = managers[0].create_task("race")
+        task = managers[0].update_task(task.task_id, status="processing")
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def finish(manager: TaskManager, how: str) -> None:
+            barrier.wait()
+            try:
+                if how == "complete":
+                    manager.complete_task(task.task_id, {"by": how})
+                else:
+                    manager.fail_task(task.task_id, "by fail")
+                outcomes.append("ok")
+            except TaskStateError:
+                outcomes.append("409")
+
+        for _ in range(1):
+            threads = [threading.Thread(target=finish, args=(m, how)) for m, how in zip(managers, ["complete", "fail"])]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+        assert sorted(outcomes) == ["409", "ok"]
+        final = managers[1].get_task(task.task_id)
+        assert final.version == task.version + 1 and final.is_terminal
+        assert [v for v, _ in managers[1].store.events(task.task_id, 0, 10)] == [1, 2, 3]
+    finally:
+        for manager in managers:
+            manager.close()
+
+
+@pytest.mark.anyio
+async def test_redis_reader_feeds_every_change_and_each_removal_once(redis_url):
+    readers = [open_store(redis_url) for _ in range(2)]
+    writer = open_store(redis_url)
+    seen: list[list[tuple[str, str, int]]] = [[], []]
+    try:
+        for store, log in zip(readers, seen):
+            await store.start(lambda kind, task, body, log=log: log.append((kind, task.task_id, task.version)))
+        task = put(writer, make(1))
+        task = bump(writer, task, status=TaskStatus.COMPLETED)
+        # both "processes" run retention at once: each removal is announced once
+        both = [writer.remove([task]), readers[0].remove([task])]
+        assert sorted(len(r) for r in both) == [0, 1]
+        want = [("task", task.task_id, 1), ("task", task.task_id, 2), ("removed", task.task_id, 2)]
+        with anyio.fail_after(5):
+            while any(len(log) < 3 for log in seen):
+                await anyio.sleep(0.01)
+        assert seen == [want, want]
+    finally:
+        for store in readers:
+            await store.aclose()
+        writer.close()
+
+
+def test_redis_sweep_lease_one_holder_at_a_time(redis_url):
+    a, b = open_store(redis_url), open_store(redis_url)
+    try:
+        assert a.try_lead("retention", 5) and a.try_lead("retention", 5)  # taken, then renewed
+        assert not b.try_lead("retention", 5)
+        assert a.try_lead("other", 5) is True and b.try_lead("other", 5) is False
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.anyio
+async def test_redis_down_fails_fast_with_store_unavailable():
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    task = make(1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.get(task.task_id)
+        with pytest.raises(StoreUnavailable):
+            store.commit(task, None, body_of(task))
+        with pytest.raises(StoreUnavailable):
+            await store.aget(task.task_id)
+        with pytest.raises(StoreUnavailable):
+            await store.acommit(task, None, body_of(task))
+        with pytest.raises(StoreUnavailable):
+            await store.aping()
+        with pytest.raises(StoreUnavailable):
+            await store.alist(TaskQuery())
+        assert time.monotonic() - started < 2
+    finally:
+        await store.aclose()
+
+
+def test_redis_sweep_fails_only_job_pool_tasks_whose_process_stopped_renewing(redis_url):
+    import redis as redis_py
+
+    from server.manager import TaskManager
+    from server.stores.redis import OWNER_PREFIX
+
+    live_pool, dead_pool, sweeper = (TaskManager(open_store(redis_url)) for _ in range(3))
+    try:
+        with redis_py.Redis.from_url(redis_url) as client:
+            client.set(OWNER_PREFIX + live_pool.owner, "1", px=60_000)  # this pool's process renews
+        running = live_pool.update_task(live_pool.create_task("job", owned=True).task_id, status="processing")
+        orphan = dead_pool.update_task(dead_pool.create_task("job", owned=True).task_id, status="processing")
+        producer = dead_pool.update_task(dead_pool.create_task("import").task_id, status="processing")
+        out = sweeper.sweep()
+        assert out["interrupted"] == [orphan.task_id]
+        assert sweeper.get_task(orphan.task_id).status is TaskStatus.FAILED
+        assert "interrupted" in sweeper.get_task(orphan.task_id).error
+        assert sweeper.get_task(running.task_id) == running
+        assert sweeper.get_task(producer.task_id) == producer
+    finally:
+        for manager in (live_pool, dead_pool, sweeper):
+            manager.close()
+
+
+def test_redis_a_thread_path_change_after_another_process_changed_the_task_applies_on_top(redis_url):
+    from server.manager import TaskManager
+    from server.models import TaskCancelled
+
+    a, b = TaskManager(open_store(redis_url)), TaskManager(open_store(redis_url))
+    try:
+        task = a.update_task(a.create_task("job").task_id, status="processing", progress=10)
+        b.update_task(task.task_id, message="from b")  # a's last snapshot is now stale
+        again = a.update_task(task.task_id, progress=20)
+        assert again.version == task.version + 2 and again.message == "from b" and again.progress == 20
+        b.cancel_task(task.task_id)
+        with pytest.raises(TaskCancelled):  # seen through the conflict, not missed from a stale copy
+            a.update_task(task.task_id, progress=30)
+    finally:
+        a.close()
+        b.close()

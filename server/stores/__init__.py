@@ -91,6 +91,12 @@ class TaskStore(Protocol):
 
     def close(self) -> None: ...
 
+    def try_lead(self, name: str, ttl_s: float) -> bool:
+        """True when this process may run the sweep ``name`` now (one process at a time on a shared store)."""
+
+    def register_owner(self, owner: str) -> None:
+        """This process's job pool id (a shared store keeps it alive while the process runs)."""
+
     # -- the event loop ---------------------------------------------------------------------
     async def aget(self, task_id: str) -> Task | None: ...
 
@@ -136,6 +142,12 @@ class LocalStore:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def try_lead(self, name: str, ttl_s: float) -> bool:
+        return True  # one process per store: it always leads
+
+    def register_owner(self, owner: str) -> None:
+        return None
 
     def cached(self, task_id: str) -> Task | None | bool:
         """The snapshot when it is in memory, else False (a read would touch disk)."""
