@@ -240,13 +240,13 @@ async def test_a_producer_that_ignores_the_cancel_is_failed_after_the_grace():
     clock.advance(30)
     manager.patch_task(task.task_id, {"progress": 50})  # HTTP-style reports keep coming: not a stop
     clock.advance(29)
-    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.sweep() == {"lease": [], "cancel": [], "interrupted": []}
     clock.advance(2)
-    assert manager.sweep() == {"lease": [], "cancel": [task.task_id]}
+    assert manager.sweep() == {"lease": [], "cancel": [task.task_id], "interrupted": []}
     final = manager.get_task(task.task_id)
     assert final.status is TaskStatus.FAILED and final.error == "cancelled" and final.progress == 50
     assert manager.get_task(other.task_id).status is TaskStatus.PENDING
-    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.sweep() == {"lease": [], "cancel": [], "interrupted": []}
 
 
 async def test_asking_again_does_not_extend_the_grace():
@@ -278,7 +278,7 @@ async def test_a_graph_build_failed_by_the_grace_records_cancelled_on_its_projec
         assert (await client.post(f"/api/tasks/{task_id}/cancel")).status_code == 202
         # the build is stuck in a backend call; the grace ends (the sweep, run as the monitor would, later)
         later = manager.get_task(task_id).updated_at + timedelta(seconds=manager.cancel_grace_s + 1)
-        assert await anyio.to_thread.run_sync(manager.sweep, later) == {"lease": [], "cancel": [task_id]}
+        assert await anyio.to_thread.run_sync(manager.sweep, later) == {"lease": [], "cancel": [task_id], "interrupted": []}
         gated.gate.set()
         await _wait_until(lambda: service.projects.get(project_id)["status"] == "failed")
     finally:

@@ -388,11 +388,11 @@ async def test_sqlite_restart_keeps_a_producers_task_alive_and_fails_only_the_jo
         job_before = manager.update_task(job.task_id, status="processing", progress=40)
         producer = manager.create_task("import")
         producer_before = manager.update_task(producer.task_id, status="processing", progress=30)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
             done_json = (await http.get(f"/api/graph/task/{done.task_id}")).json()
 
     async with running(create_app(settings)) as app:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
             again = await http.get(f"/api/graph/task/{done.task_id}")
             interrupted = (await http.get(f"/api/graph/task/{job.task_id}")).json()["data"]
             kept = (await http.get(f"/api/graph/task/{producer.task_id}")).json()["data"]

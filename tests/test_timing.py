@@ -219,15 +219,15 @@ async def test_a_task_with_no_update_for_its_lease_is_failed_by_the_sweep(manage
     clock.advance(29)
     manager.update_task(task.task_id, status="processing", progress=5)  # an update renews it
     clock.advance(29)
-    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.sweep() == {"lease": [], "cancel": [], "interrupted": []}
     clock.advance(2)
-    assert manager.sweep() == {"lease": [task.task_id], "cancel": []}
+    assert manager.sweep() == {"lease": [task.task_id], "cancel": [], "interrupted": []}
     failed = manager.get_task(task.task_id)
     assert failed is not None and failed.status is TaskStatus.FAILED
     assert failed.error == "no update for 30 s"
     assert failed.finished_at == clock.now
     clock.advance(7 * 24 * 3600)  # without a lease a task is never failed for being quiet
-    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.sweep() == {"lease": [], "cancel": [], "interrupted": []}
     assert manager.get_task(other.task_id).status is TaskStatus.PENDING
 
 
@@ -257,7 +257,7 @@ async def test_leases_are_off_by_default(clock):
     task = manager.create_task("producer")
     assert task.lease_s is None
     clock.advance(30 * 24 * 3600)
-    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.sweep() == {"lease": [], "cancel": [], "interrupted": []}
 
 
 @pytest.mark.parametrize("lease_s", [0, -1, 0.0, MAX_LEASE_S + 1, "30", True, [30], {"s": 30}])
@@ -352,5 +352,5 @@ async def test_an_update_that_lands_while_the_sweep_decides_renews_the_lease(man
     judged = manager.store.live()  # the sweep's view: quiet for 31 s
     manager.update_task(task.task_id, status="processing")  # ... and the producer reports just then
     monkeypatch.setattr(manager.store, "live", lambda: judged)
-    assert manager.sweep() == {"lease": [], "cancel": []}
+    assert manager.sweep() == {"lease": [], "cancel": [], "interrupted": []}
     assert manager.get_task(task.task_id).status is TaskStatus.PROCESSING

@@ -455,6 +455,9 @@ class SqliteStore(LocalStore):
                         touched[item.task_id] = item.version
                     else:
                         for task in item:
+                            latest = self._latest.get(task.task_id)
+                            if latest is not None and latest.version != task.version:
+                                continue  # changed since it was chosen (its row may lag: ROW_LAG_S)
                             self._deferred.pop(task.task_id, None)
                             self._row_written.pop(task.task_id, None)
                             db.execute("DELETE FROM tasks WHERE task_id = ? AND version = ?", (task.task_id, task.version))
