@@ -20,8 +20,11 @@ import { age, clampProgress, shortId, statusLabel } from "./format.js";
 
 export const PAGE_SIZE = 50;
 const MAX_ROWS = 500;
+const ROWS_PER_FRAME = 25;
+const FRAME_BUDGET_MS = 6; // script time per frame for new rows; style and layout come on top
 const COUNTS_EVERY_MS = 1000;
 const MAX_TYPES = 200;
+const TYPES_KEY = "taskmon.types";
 export const STATUSES = ["pending", "processing", "completed", "failed"];
 export const SORTS = ["-created", "created", "-updated", "updated"];
 export const DEFAULT_FILTERS = Object.freeze({ q: "", status: "", task_type: "", sort: "-created" });
@@ -77,7 +80,9 @@ export class TaskList {
     this.cursor = null;       // next_cursor of the last page read (null: the end is shown)
     this.counts = null;       // {pending, processing, completed, failed} for the filters (status ignored)
     this.waiting = new Set(); // ids of matching tasks not shown because the list is full
-    this.types = new Set();
+    this.types = new Set();   // task types seen (rows and every event): the type filter's suggestions
+    this.typesSaved = null;   // null while restoring
+    this.#restoreTypes();
     this.visible = false;
     this.loaded = false;
     this.generation = 0;      // bumped by every new read of the first page: older answers are dropped
@@ -171,8 +176,36 @@ export class TaskList {
     }
   }
 
+  #seeType(type) {
+    if (typeof type !== "string" || this.types.has(type) || this.types.size >= MAX_TYPES) return;
+    this.types.add(type);
+    $("known-types").append(h("option", { value: type }));
+    if (this.typesSaved !== null) this.#saveTypes(); // at most MAX_TYPES writes in a tab's life
+  }
+
+  // Kept for the browser profile (local storage) so a reload still suggests them.
+  #restoreTypes() {
+    try {
+      const saved = JSON.parse(localStorage.getItem(TYPES_KEY) ?? "[]");
+      if (Array.isArray(saved)) for (const type of saved.slice(0, MAX_TYPES)) this.#seeType(type);
+    } catch (err) {
+      console.debug("taskmon: no saved task types", err);
+    }
+    this.typesSaved = 0;
+  }
+
+  #saveTypes() {
+    this.typesSaved += 1;
+    try {
+      localStorage.setItem(TYPES_KEY, JSON.stringify([...this.types]));
+    } catch (err) {
+      console.debug("taskmon: cannot save the task types", err);
+    }
+  }
+
   /** `task` event (every task of the unfiltered stream): applied at the next animation frame. */
   upsert(task) {
+    this.#seeType(task.task_type);
     if (this.reading) {
       const known = this.reading.get(task.task_id);
       if (!known || known.version < task.version) this.reading.set(task.task_id, task);
@@ -200,12 +233,21 @@ export class TaskList {
   }
 
   #flush() {
+    if (!this.loaded) {
+      this.queue.clear(); // the read in flight holds them (this.reading)
+      return;
+    }
+    // At most ROWS_PER_FRAME new rows (and FRAME_BUDGET_MS) a frame: style and layout grow with the rows added, so
+    // a burst is spread over a few frames rather than one long task; the rest waits in the queue.
+    // Changes to rows already shown are cheap (text in place) and all applied.
     const events = this.queue;
-    this.queue = new Map();
-    if (!this.loaded) return; // the read in flight holds them (this.reading)
+    const started = performance.now();
+    let added = 0;
     let moved = false;
     const end = this.cursor ? this.tasks.get(this.order.at(-1)) : null;
     for (const [id, task] of events) {
+      if (added >= ROWS_PER_FRAME || (added && performance.now() - started > FRAME_BUDGET_MS)) break;
+      events.delete(id);
       const shown = this.tasks.get(id);
       if (task === null) {
         if (shown) { this.#drop(id); moved = true; }
@@ -232,6 +274,7 @@ export class TaskList {
       this.#put(task, false);
       this.order.push(id);
       moved = true;
+      added += 1;
     }
     if (moved) {
       this.order = this.order.filter((id) => this.tasks.has(id));
@@ -239,6 +282,7 @@ export class TaskList {
       this.#reorder();
     }
     this.#summary();
+    if (this.queue.size) this.#schedule();
   }
 
   /** Over MAX_ROWS (after "load more"): keep the first rows. */
@@ -297,10 +341,7 @@ export class TaskList {
     row.age.dateTime = task.updated_at;
     row.age.title = `Created ${task.created_at}, last update ${task.updated_at}`;
     setText(row.age, `updated ${age(task.updated_at)}`);
-    if (!this.types.has(task.task_type) && this.types.size < MAX_TYPES) {
-      this.types.add(task.task_type);
-      $("known-types").append(h("option", { value: task.task_type }));
-    }
+    this.#seeType(task.task_type);
     if (!quiet && this.visible && previous && previous.status !== task.status) {
       announce(`${task.task_type} ${shortId(task.task_id)} is now ${statusLabel(task.status).toLowerCase()}.`);
     }
