@@ -17,6 +17,9 @@ import { setupBuildForm } from "./build.js";
 const conn = new ConnState();
 const list = new TaskList();
 const detail = new TaskDetail();
+// A live task that has been quiet for a while is read again now and then: the all-tasks stream
+// announces `stale` only for tasks it knows the tab may hold (see README "The live page").
+detail.onQuiet = (id) => { if (view === "detail") loadDetail(id); };
 let view = null;
 
 // `?test` in the page address keeps a log of every task version this tab received (the tab tests
@@ -53,6 +56,7 @@ const hub = openHub("tasks/stream", {
       detail.apply(data);
     } else if (name === "stale") {
       detail.applyStale(data);
+      list.applyStale(data);
     } else if (name === "removed") {
       list.remove(data);
       if (detail.id === data.task_id && view === "detail") taskMissing(data.task_id);

@@ -12,6 +12,7 @@ import { drawGraph } from "./graph.js";
 const LOG_LIMIT = 5000;     // entries shown (the server keeps TASKMON_HISTORY changes, default 256)
 const LOG_PAGE = 500;       // events read per request
 const LOG_PAGES = 20;       // requests per catch-up
+const QUIET_READ_MS = 60_000; // a live task with no news this long is read again (its `stale` key)
 const GRAPH_COUNT_KEYS = new Set(["node_count", "edge_count", "chunk_count"]);
 
 function fillKv(dl, rows) {
@@ -28,6 +29,8 @@ export class TaskDetail {
     this.logVersion = 0;  // the newest version the log holds
     this.logPrev = null;  // the snapshot of the last version logged (entries only when something shown changed)
     this.logRun = null;   // the catch-up read in flight: {again}
+    this.heard = 0;       // when this task last had news (a snapshot or a stale event)
+    this.onQuiet = null;  // (id) => read the task again
     $("detail-cancel").addEventListener("click", () => this.cancel());
   }
 
@@ -65,6 +68,7 @@ export class TaskDetail {
       return false; // duplicate or older
     }
     this.task = task;
+    this.heard = Date.now();
     this.stale = Boolean(task.stale) && !isTerminal(task);
     setText($("detail-error"), "");
     $("detail").hidden = false;
@@ -108,13 +112,19 @@ export class TaskDetail {
     return true;
   }
 
-  tick() {
-    if (this.task) this.#times();
+  tick(now = Date.now()) {
+    if (!this.task) return;
+    this.#times(now);
+    if (!isTerminal(this.task) && !this.stale && now - this.heard > QUIET_READ_MS && this.onQuiet) {
+      this.heard = now;
+      this.onQuiet(this.id);
+    }
   }
 
   /** `stale` event: {task_id, stale}. Not a change (no version): only the badge and "last update". */
   applyStale({ task_id, stale }) {
     if (task_id !== this.id || !this.task) return;
+    this.heard = Date.now();
     this.stale = Boolean(stale) && !isTerminal(this.task);
     this.#liveState();
     this.#times();

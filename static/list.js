@@ -16,7 +16,7 @@
 // ("N new — show") instead of added.
 import { $, h, setText, announce } from "./dom.js";
 import { api } from "./api.js";
-import { age, clampProgress, shortId, statusLabel } from "./format.js";
+import { age, clampProgress, duration, isTerminal, shortId, statusLabel } from "./format.js";
 
 export const PAGE_SIZE = 50;
 const MAX_ROWS = 500;
@@ -315,12 +315,26 @@ export class TaskList {
     }
   }
 
+  /** `stale` event {task_id, stale}: not a change (no version), only what the row says. */
+  applyStale({ task_id, stale }) {
+    const task = this.tasks.get(task_id);
+    if (!task || isTerminal(task)) return;
+    task.stale = Boolean(stale);
+    this.#age(this.rows.get(task_id), task);
+  }
+
   /** Refresh the relative ages ("12 s ago"). */
   tick(now = Date.now()) {
     for (const [id, row] of this.rows) {
       const task = this.tasks.get(id);
-      if (task) setText(row.age, `updated ${age(task.updated_at, now)}`);
+      if (task) this.#age(row, task, now);
     }
+  }
+
+  #age(row, task, now = Date.now()) {
+    const stale = Boolean(task.stale) && !isTerminal(task);
+    row.li.dataset.stale = String(stale);
+    setText(row.age, stale ? `no update for ${duration((now - Date.parse(task.updated_at)) / 1000)}` : `updated ${age(task.updated_at, now)}`);
   }
 
   #put(task, quiet, previous = this.tasks.get(task.task_id)) {
@@ -340,7 +354,7 @@ export class TaskList {
     setText(row.message, task.status === "failed" && task.error ? task.error : task.message);
     row.age.dateTime = task.updated_at;
     row.age.title = `Created ${task.created_at}, last update ${task.updated_at}`;
-    setText(row.age, `updated ${age(task.updated_at)}`);
+    this.#age(row, task);
     this.#seeType(task.task_type);
     if (!quiet && this.visible && previous && previous.status !== task.status) {
       announce(`${task.task_type} ${shortId(task.task_id)} is now ${statusLabel(task.status).toLowerCase()}.`);

@@ -134,6 +134,13 @@ async def test_a_quiet_task_gets_the_stale_badge_and_loses_it_on_its_next_update
         await page.reload()
         await expect(page.locator("#detail-progress-label")).to_have_text("20%", timeout=LOAD)
         await expect(page.locator("#detail-stale")).to_be_visible()
+        # The list row says it too.
+        await page.goto(f"{srv.url}/#/")
+        row = page.locator(f'#task-list > li[data-task-id="{task_id}"]')
+        await expect(row.locator(".task-age")).to_have_text(re.compile(r"^no update for \d+ s$"), timeout=LOAD)
+        await expect(row).to_have_attribute("data-stale", "true")
+        await page.goto(f"{srv.url}/#/task/{task_id}")
+        await expect(page.locator("#detail-stale")).to_be_visible(timeout=LOAD)
         # A finished task is never stale.
         await producer.patch(task_id, status="completed", progress=100, message="Done")
         await expect(page.locator("#detail-status")).to_have_text("Completed", timeout=WITHIN)
