@@ -185,7 +185,8 @@ export class TaskDetail {
     setText($("detail-last-update"), this.stale ? `no update for ${duration(quiet)}` : age(t.updated_at, now));
     setText($("detail-rate"), isTerminal(t) ? "—" : rateText(t.rate));
     const eta = Number(t.eta_s);
-    setText($("detail-eta"), !isTerminal(t) && t.eta_s !== null && t.eta_s !== undefined && Number.isFinite(eta) ? `about ${duration(eta)}` : "—");
+    const known = !isTerminal(t) && t.eta_s !== null && t.eta_s !== undefined && Number.isFinite(eta);
+    setText($("detail-eta"), !known ? "—" : eta < 1 ? "under 1 s" : `about ${duration(eta)}`);
   }
 
   /** A snapshot from a read or the stream: the next version is logged at once; a gap is read from the log. */

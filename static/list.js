@@ -23,6 +23,7 @@ const MAX_ROWS = 500;
 const ROWS_PER_FRAME = 25;
 const FRAME_BUDGET_MS = 6; // script time per frame for new rows; style and layout come on top
 const COUNTS_EVERY_MS = 1000;
+const COUNTS_QUIET_MS = 30_000;
 const MAX_TYPES = 200;
 const TYPES_KEY = "taskmon.types";
 export const STATUSES = ["pending", "processing", "completed", "failed"];
@@ -123,7 +124,13 @@ export class TaskList {
     this.#loadCounts();
     const params = filterParams(filters);
     params.set("limit", String(PAGE_SIZE));
-    const body = await api(`api/graph/tasks?${params}`);
+    let body;
+    try {
+      body = await api(`api/graph/tasks?${params}`);
+    } catch (err) {
+      if (generation === this.generation) this.reading = null; // the next epoch reads again
+      throw err;
+    }
     if (generation !== this.generation) return; // a newer read (or other filters) took over
     const touched = this.reading;
     this.reading = null;
@@ -323,8 +330,9 @@ export class TaskList {
     this.#age(this.rows.get(task_id), task);
   }
 
-  /** Refresh the relative ages ("12 s ago"). */
+  /** Refresh the relative ages ("12 s ago"), and now and then the counts (retention removes tasks silently). */
   tick(now = Date.now()) {
+    if (this.visible && this.loaded && now - this.countsAt > COUNTS_QUIET_MS) this.#loadCounts();
     for (const [id, row] of this.rows) {
       const task = this.tasks.get(id);
       if (task) this.#age(row, task, now);
