@@ -20,8 +20,8 @@ import { age, clampProgress, duration, isTerminal, shortId, statusLabel } from "
 
 export const PAGE_SIZE = 50;
 const MAX_ROWS = 500;
-const ROWS_PER_FRAME = 25;
-const FRAME_BUDGET_MS = 6; // script time per frame for new rows; style and layout come on top
+const ROWS_PER_FRAME = 12;
+const FRAME_BUDGET_MS = 4; // script time per frame for new rows; style and layout come on top
 const COUNTS_EVERY_MS = 1000;
 const COUNTS_QUIET_MS = 30_000;
 const MAX_TYPES = 200;
