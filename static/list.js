@@ -157,10 +157,11 @@ export class TaskList {
 
   /** The next page, after the server's cursor. */
   async more() {
-    if (!this.cursor) return;
+    const room = MAX_ROWS - this.order.length;
+    if (!this.cursor || room <= 0) return;
     const generation = this.generation;
     const params = filterParams(this.filters);
-    params.set("limit", String(PAGE_SIZE));
+    params.set("limit", String(Math.min(PAGE_SIZE, room))); // never past MAX_ROWS: no row is skipped
     params.set("cursor", this.cursor);
     const button = $("list-more");
     button.disabled = true;
@@ -175,7 +176,6 @@ export class TaskList {
         this.#put(task, true);
         if (!shown) this.order.push(task.task_id);
       }
-      this.#trim();
       this.#reorder();
       this.#summary();
     } finally {
@@ -290,11 +290,6 @@ export class TaskList {
     }
     this.#summary();
     if (this.queue.size) this.#schedule();
-  }
-
-  /** Over MAX_ROWS (after "load more"): keep the first rows. */
-  #trim() {
-    while (this.order.length > MAX_ROWS) this.#drop(this.order.pop());
   }
 
   #countsChanged() {
@@ -424,10 +419,12 @@ export class TaskList {
     const empty = $("list-empty");
     empty.hidden = !this.loaded || n > 0;
     setText(empty, filtered ? "No tasks match these filters." : "No tasks yet. Start a graph build, or report one through the producer API.");
-    $("list-more").hidden = !this.loaded || !this.cursor;
+    $("list-more").hidden = !this.loaded || !this.cursor || n >= MAX_ROWS;
+    setText($("list-full"), this.loaded && this.cursor && n >= MAX_ROWS ? `The first ${MAX_ROWS} are shown: search or filter to find the others.` : "");
     const fresh = $("list-new");
     fresh.hidden = this.waiting.size === 0;
-    setText(fresh, `${this.waiting.size >= MAX_ROWS ? `${MAX_ROWS}+` : this.waiting.size} new — show the newest`);
+    const waiting = this.waiting.size >= MAX_ROWS ? `${MAX_ROWS}+` : String(this.waiting.size);
+    setText(fresh, this.filters.sort.startsWith("-") ? `${waiting} new — show the newest` : `${waiting} more match — read the list again`);
   }
 
   setFilters(filters) {

@@ -228,4 +228,20 @@ async def test_ten_thousand_tasks_render_a_page_quickly_and_load_more_follows_th
         await expect(page.locator("#task-list > li")).to_have_count(100, timeout=LOAD)
         listing = (await http.get("/api/graph/tasks", params={"limit": 100})).json()["data"]
         assert await shown_ids(page) == [t["task_id"] for t in listing]
+
+        # Memory stays bounded: at most 500 rows; past that, new arrivals are counted, not added.
+        for shown in range(150, 501, 50):
+            await page.click("#list-more")
+            await expect(page.locator("#task-list > li")).to_have_count(shown, timeout=LOAD)
+        await expect(page.locator("#list-more")).to_be_hidden()
+        await expect(page.locator("#list-full")).to_have_text("The first 500 are shown: search or filter to find the others.")
+        listing = (await http.get("/api/graph/tasks", params={"limit": 500})).json()["data"]
+        assert await shown_ids(page) == [t["task_id"] for t in listing]
+        newest = manager.create_task("late", {"customer": "c1"}).task_id
+        await expect(page.locator("#list-new")).to_have_text("1 new — show the newest", timeout=WITHIN)
+        assert len(await shown_ids(page)) == 500
+        await page.click("#list-new")
+        await expect(page.locator("#task-list > li")).to_have_count(50, timeout=LOAD)
+        await expect(page.locator("#task-list > li").first).to_have_attribute("data-task-id", newest)
+        await expect(page.locator("#list-new")).to_be_hidden()
         assert watch.errors == []
