@@ -244,9 +244,9 @@ export class TaskList {
       this.queue.clear(); // the read in flight holds them (this.reading)
       return;
     }
-    // At most ROWS_PER_FRAME new rows (and FRAME_BUDGET_MS) a frame: style and layout grow with the rows added, so
-    // a burst is spread over a few frames rather than one long task; the rest waits in the queue.
-    // Changes to rows already shown are cheap (text in place) and all applied.
+    // At most ROWS_PER_FRAME new rows (and FRAME_BUDGET_MS of script) a frame: style and layout
+    // grow with the rows added, so a burst is spread over a few frames rather than one long task.
+    // The rest waits in the queue, in arrival order, for the next frame.
     const events = this.queue;
     const started = performance.now();
     let added = 0;
