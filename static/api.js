@@ -13,25 +13,30 @@ export class ApiError extends Error {
   }
 }
 
-export function getToken() {
+const PRODUCER_KEY = "taskmon.producer_token";
+const memory = new Map(); // when session storage is disabled: the token lives as long as the tab
+
+function stored(key) {
   try {
-    return sessionStorage.getItem(TOKEN_KEY);
+    return sessionStorage.getItem(key) ?? memory.get(key) ?? null;
   } catch {
-    return null; // storage disabled: the token then lives only as long as the form answer
+    return memory.get(key) ?? null;
   }
 }
 
-function saveToken(token) {
+function save(key, token) {
   try {
-    sessionStorage.setItem(TOKEN_KEY, token);
+    sessionStorage.setItem(key, token);
   } catch {
-    memoryToken = token;
+    memory.set(key, token);
   }
 }
 
-let memoryToken = null;
-/** The token this tab holds (session storage, or memory when storage is disabled), or null. */
-export const currentToken = () => getToken() ?? memoryToken;
+export const getToken = () => stored(TOKEN_KEY);
+/** The read token this tab holds (session storage, or memory when storage is disabled), or null. */
+export const currentToken = () => stored(TOKEN_KEY);
+/** The producer (API) token for changes (cancel, builds), asked for on their first 401. */
+export const producerToken = () => stored(PRODUCER_KEY);
 
 // One token form for the whole page: concurrent 401s wait for the same answer.
 let pendingAsk = null;
@@ -43,7 +48,7 @@ export function onTokenWait(fn) {
 }
 
 /** Show the token form and resolve once the user submits it. */
-export function askForToken(reason, rejected = false) {
+export function askForToken(reason, rejected = false, { key = TOKEN_KEY } = {}) {
   if (pendingAsk) return pendingAsk;
   const section = $("auth");
   const form = $("auth-form");
@@ -51,7 +56,9 @@ export function askForToken(reason, rejected = false) {
   $("auth-reason").textContent = reason;
   $("auth-error").textContent = rejected ? "That token was not accepted. Try again." : "";
   section.hidden = false;
-  for (const fn of askListeners) fn(true);
+  // Only a missing read token stops the page's reads (and the stream); a producer token does not.
+  const holds = key === TOKEN_KEY;
+  if (holds) for (const fn of askListeners) fn(true);
   input.value = "";
   input.focus();
   pendingAsk = new Promise((resolve) => {
@@ -60,10 +67,10 @@ export function askForToken(reason, rejected = false) {
       const token = input.value.trim();
       if (!token) return;
       form.removeEventListener("submit", onSubmit);
-      saveToken(token);
+      save(key, token);
       section.hidden = true;
       pendingAsk = null;
-      for (const fn of askListeners) fn(false);
+      if (holds) for (const fn of askListeners) fn(false);
       resolve(token);
     });
   });
@@ -74,10 +81,12 @@ export function askForToken(reason, rejected = false) {
  * fetch() that sends the session token, asks for one on a 401 and retries,
  * and turns the JSON error envelope into an ApiError.
  */
-export async function api(path, { method = "GET", json, body, signal } = {}) {
+export async function api(path, { method = "GET", json, body, signal, reason } = {}) {
+  // Reads send the read token; changes the producer token (else the read token: one token may be both).
+  const write = method !== "GET";
   for (let attempt = 0; ; attempt++) {
     const headers = { Accept: "application/json" };
-    const token = currentToken();
+    const token = write ? producerToken() ?? currentToken() : currentToken();
     if (token) headers.Authorization = `Bearer ${token}`;
     let payload = body;
     if (json !== undefined) {
@@ -86,10 +95,8 @@ export async function api(path, { method = "GET", json, body, signal } = {}) {
     }
     const response = await fetch(path, { method, headers, body: payload, signal, cache: "no-store" });
     if (response.status === 401) {
-      const reason = method === "GET"
-        ? "This server needs an access token to show tasks."
-        : "Starting a build needs the server's API token.";
-      await askForToken(reason, attempt > 0 || Boolean(token));
+      const why = reason ?? (write ? "This change needs the server's producer (API) token." : "This server needs an access token to show tasks.");
+      await askForToken(why, attempt > 0 || (write ? Boolean(producerToken()) : Boolean(token)), { key: write ? PRODUCER_KEY : TOKEN_KEY });
       continue;
     }
     let data = null;

@@ -4,17 +4,22 @@
 // SharedWorker (stream.js; one EventSource per tab where that does not exist). Each view reads what
 // it shows when it appears and again at every new epoch of the stream (it was (re)opened: what
 // happened meanwhile is known only from a fresh read), then applies the stream's events with a
-// higher version: the list (GET api/graph/tasks, filtered here) and a task (GET api/graph/task/{id}).
+// higher version: the list (a page of GET api/graph/tasks with the filters of the address, whose
+// rules list.js also applies to events; counts from GET api/tasks/counts) and a task (GET
+// api/graph/task/{id}, its log from GET api/tasks/{id}/events; `stale` events drive its badge).
 import { $, setText } from "./dom.js";
 import { api, currentToken, onTokenWait } from "./api.js";
 import { ConnState, openHub } from "./stream.js";
-import { TaskList } from "./list.js";
+import { TaskList, filterParams, parseFilters, sameFilters } from "./list.js";
 import { TaskDetail, fetchTask } from "./detail.js";
 import { setupBuildForm } from "./build.js";
 
 const conn = new ConnState();
 const list = new TaskList();
 const detail = new TaskDetail();
+// A live task that has been quiet for a while is read again now and then: the all-tasks stream
+// announces `stale` only for tasks it knows the tab may hold (see README "The live page").
+detail.onQuiet = (id) => { if (view === "detail") loadDetail(id); };
 let view = null;
 
 // `?test` in the page address keeps a log of every task version this tab received (the tab tests
@@ -49,6 +54,9 @@ const hub = openHub("tasks/stream", {
       record("event", data);
       list.upsert(data);
       detail.apply(data);
+    } else if (name === "stale") {
+      detail.applyStale(data);
+      list.applyStale(data);
     } else if (name === "removed") {
       list.remove(data);
       if (detail.id === data.task_id && view === "detail") taskMissing(data.task_id);
@@ -128,7 +136,7 @@ function show(name, focusHeading) {
 function showList(filters, focus) {
   show("list", focus);
   document.title = "Tasks · taskmon";
-  const changed = filters.status !== list.filters.status || filters.task_type !== list.filters.task_type;
+  const changed = !sameFilters(filters, list.filters);
   list.setFilters(filters);
   if (changed || !list.loaded) list.markLoading();
   loadList();
@@ -152,15 +160,6 @@ function showNew(focus) {
   document.title = "New graph build · taskmon";
 }
 
-function parseFilters(query) {
-  const params = new URLSearchParams(query);
-  const status = params.get("status") ?? "";
-  return {
-    status: ["pending", "processing", "completed", "failed"].includes(status) ? status : "",
-    task_type: (params.get("task_type") ?? "").trim(),
-  };
-}
-
 function route(focus = true) {
   let hash = location.hash || "#/";
   if (!hash.startsWith("#/")) {
@@ -180,27 +179,37 @@ function route(focus = true) {
 
 // ---- filters ------------------------------------------------------------------------------
 
-function applyFilters() {
-  const params = new URLSearchParams();
-  const status = $("filter-status").value;
-  const type = $("filter-type").value.trim();
-  if (status) params.set("status", status);
-  if (type) params.set("task_type", type);
-  const query = params.toString();
+/** The filters live in the address (#/?q=...&status=...&task_type=...&sort=...): share it, reload it. */
+function applyFilters(changes = {}) {
+  const filters = {
+    q: $("filter-q").value.trim(),
+    status: list.filters.status,
+    task_type: $("filter-type").value.trim(),
+    sort: $("filter-sort").value,
+    ...changes,
+  };
+  const query = filterParams(filters).toString();
   history.replaceState(null, "", `#/${query ? `?${query}` : ""}`);
   route(false);
 }
 
-let typeTimer = null;
-$("filter-status").addEventListener("change", applyFilters);
-$("filter-type").addEventListener("input", () => {
-  clearTimeout(typeTimer);
-  typeTimer = setTimeout(applyFilters, 300);
-});
+const debounced = (fn, ms) => {
+  let timer = null;
+  const run = () => { clearTimeout(timer); fn(); };
+  run.later = () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
+  run.cancel = () => clearTimeout(timer);
+  return run;
+};
+const typed = debounced(() => applyFilters(), 300);
+for (const tab of document.querySelectorAll("#status-tabs [data-status]")) {
+  tab.addEventListener("click", () => { typed.cancel(); applyFilters({ status: tab.dataset.status }); });
+}
+$("filter-sort").addEventListener("change", () => { typed.cancel(); applyFilters(); });
+$("filter-q").addEventListener("input", () => typed.later());
+$("filter-type").addEventListener("input", () => typed.later());
 $("filters").addEventListener("submit", (event) => {
   event.preventDefault();
-  clearTimeout(typeTimer);
-  applyFilters();
+  typed();
 });
 
 // ---- start --------------------------------------------------------------------------------
@@ -212,8 +221,6 @@ document.querySelector(".skip-link").addEventListener("click", (event) => {
   $("main").focus();
 });
 window.addEventListener("hashchange", () => route(true));
-setInterval(() => {
-  list.tick();
-  detail.tick();
-}, 5000);
+setInterval(() => list.tick(), 5000);
+setInterval(() => { if (view === "detail") detail.tick(); }, 1000); // duration, "no update for"
 route(false);

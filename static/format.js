@@ -137,3 +137,24 @@ export function describeDetail(detail) {
   }
   return rows;
 }
+
+/** 42 -> "42 s", 192 -> "3 min 12 s", 7500 -> "2 h 5 min", 300000 -> "3 d 11 h" */
+export function duration(seconds) {
+  const s = Math.max(0, Math.round(Number(seconds)));
+  if (!Number.isFinite(s)) return "";
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return s % 60 ? `${m} min ${s % 60} s` : `${m} min`;
+  const hours = Math.floor(m / 60);
+  if (hours < 48) return m % 60 ? `${hours} h ${m % 60} min` : `${hours} h`;
+  const days = Math.floor(hours / 24);
+  return hours % 24 ? `${days} d ${hours % 24} h` : `${days} d`;
+}
+
+/** Percentage points per second: "2.5 %/s", "0.12 %/s". */
+export function rateText(rate) {
+  const r = Number(rate);
+  if (rate === null || rate === undefined || !Number.isFinite(r)) return "—";
+  const digits = Math.abs(r) >= 10 ? 0 : Math.abs(r) >= 1 ? 1 : Math.abs(r) >= 0.1 ? 2 : 3;
+  return `${r.toFixed(digits)} %/s`;
+}

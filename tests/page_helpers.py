@@ -96,8 +96,9 @@ class PageWatch:
 class Pages:
     """Opens pages in fresh browser contexts (own storage, own EventSources) and closes them all."""
 
-    def __init__(self, browser: Browser) -> None:
+    def __init__(self, browser: Browser, init_scripts: list[str] | None = None) -> None:
         self.browser = browser
+        self.init_scripts = list(init_scripts or [])  # run in every page before its own scripts
         self._contexts: list[BrowserContext] = []
 
     async def open(
@@ -108,6 +109,8 @@ class Pages:
         )
         self._contexts.append(context)
         await context.add_init_script(TRACK_EVENTSOURCES)
+        for script in self.init_scripts:
+            await context.add_init_script(script)
         page = await context.new_page()
         watch = PageWatch()
         watch.attach(page)

@@ -142,7 +142,7 @@ async def test_task_list_updates_live_and_filters_reopen_the_stream(
         await expect(page.locator("#list-count")).to_have_text("2 tasks")
 
         # Status filter (applied to a fresh read and to the shared stream's events): tasks move in and out live.
-        await page.select_option("#filter-status", "processing")
+        await page.click('#status-tabs [data-status="processing"]')
         await expect(page.locator("#task-list > li")).to_have_count(1, timeout=LOAD)
         await expect(row(page, ingest)).to_be_visible()
         await assert_one_shared_stream(page, srv)
@@ -153,7 +153,7 @@ async def test_task_list_updates_live_and_filters_reopen_the_stream(
         await expect(row(page, report).locator(".pct")).to_have_text("10%", timeout=WITHIN)
 
         # Type filter (typed, debounced), and the filters live in the address for a reload.
-        await page.select_option("#filter-status", "")
+        await page.click('#status-tabs [data-status=""]')
         await page.fill("#filter-type", "ingest")
         await expect(page.locator("#task-list > li")).to_have_count(1, timeout=LOAD)
         await expect(row(page, ingest).locator(".badge")).to_have_text("Completed")
