@@ -973,14 +973,16 @@ class AllTasksSubscription:
 
     def frame_for(self, event: Event) -> bytes | None:
         task_id = event.task_id
+        # An unfiltered stream announces every removal and stale change (its client may hold any task,
+        # read through later cursor pages); a filtered one those of the tasks it has shown.
         if event.kind == "removed":
             self._seen.pop(task_id, None)
-            if task_id not in self._visible:
+            if task_id not in self._visible and self._narrow:
                 return None
             self._visible.discard(task_id)
             return event.frame_all
         if event.kind == "stale":
-            return event.frame_all if task_id in self._visible else None
+            return event.frame_all if task_id in self._visible or not self._narrow else None
         seen = self._seen.get(task_id)
         if seen is not None and event.version <= seen:
             return None
