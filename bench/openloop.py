@@ -75,6 +75,11 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if not self.lost.done():
             self.lost.set_result(exc)
+        # An idle keep-alive connection the server closed (its idle/header deadline: the generator
+        # reuses the most recent connections, so the others can sit idle that long) is replaced.
+        if self in self.gen.idle:
+            self.gen.idle.remove(self)
+        self.gen.replace_connection()
         if self.busy:
             self.gen.errors.append(f"connection lost with a request in flight: {exc}")
             self.busy = False
@@ -104,12 +109,31 @@ class OpenLoop:
         self.outstanding = 0
         self.max_queue = 0
         self.all_done: asyncio.Event | None = None
+        self._reconnects: set[asyncio.Task[None]] = set()
 
     async def connect(self, n: int) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(n):
             _, conn = await loop.create_connection(lambda: Conn(self), self.host, self.port)
             self.idle.append(conn)
+
+    def replace_connection(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def reconnect() -> None:
+            try:
+                _, conn = await loop.create_connection(lambda: Conn(self), self.host, self.port)
+            except OSError as exc:
+                self.errors.append(f"reconnect failed: {exc}")
+                return
+            if self.queue:
+                self.k += 1
+                conn.send(self.requests[self.k % len(self.requests)], self.queue.popleft())
+            else:
+                self.idle.append(conn)
+
+        self._reconnects.add(task := loop.create_task(reconnect()))
+        task.add_done_callback(self._reconnects.discard)
 
     def issue(self, due: float) -> None:
         self.outstanding += 1
