@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from conftest import LiveServer, require_tool
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, async_playwright
 
@@ -69,6 +70,29 @@ async def chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+# Fixtures for the page test modules, imported by name (``from page_helpers import browser, pages``):
+# module-wide, so one Chromium serves every test of a module (each test gets fresh pages).
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def browser(anyio_backend: str) -> AsyncIterator[Browser]:
+    async with chromium() as running:
+        yield running
+
+
+@pytest.fixture
+async def pages(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Pages]:
+    """Fresh pages on the module's browser; a module may set ``PAGE_INIT_SCRIPTS`` for every page."""
+    opened = Pages(browser, init_scripts=list(getattr(request.module, "PAGE_INIT_SCRIPTS", ())))
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @dataclass

@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from page_helpers import ARTIFACTS, Pages, Producer, chromium, proxied, stream_stats, wait_open_streams
-from playwright.async_api import Browser, Page, expect
+from page_helpers import anyio_backend, browser, pages  # noqa: F401  (pytest fixtures, by name)
+from page_helpers import ARTIFACTS, Pages, Producer, proxied, stream_stats, wait_open_streams
+from playwright.async_api import Page, expect
 
 from server.settings import Settings
 
@@ -25,27 +25,6 @@ pytestmark = pytest.mark.anyio
 WITHIN = 1000  # ms: the page must show an update this soon after the producer call returns
 LOAD = 5000  # ms: first page load, stream (re)connects
 XSS = "<img src=x onerror=alert(1)>"
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    """Module-wide, so one Chromium serves every test here (each test gets a fresh context)."""
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def browser(anyio_backend: str) -> AsyncIterator[Browser]:
-    async with chromium() as running:
-        yield running
-
-
-@pytest.fixture
-async def pages(browser: Browser) -> AsyncIterator[Pages]:
-    opened = Pages(browser)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def row(page: Page, task_id: str) -> Any:

@@ -4,14 +4,14 @@ headless Chromium against a real server (the set-up of tests/test_page.py, page_
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from page_helpers import Pages, Producer, chromium
-from playwright.async_api import Browser, Page, expect
+from page_helpers import anyio_backend, browser, pages  # noqa: F401  (pytest fixtures, by name)
+from page_helpers import Pages, Producer
+from playwright.async_api import Page, expect
 
 from server.settings import Settings
 
@@ -19,26 +19,6 @@ pytestmark = pytest.mark.anyio
 
 WITHIN = 2000
 LOAD = 5000
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def browser(anyio_backend: str) -> AsyncIterator[Browser]:
-    async with chromium() as running:
-        yield running
-
-
-@pytest.fixture
-async def pages(browser: Browser) -> AsyncIterator[Pages]:
-    opened = Pages(browser)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def log_messages(page: Page) -> list[str]:

@@ -10,15 +10,15 @@ machine); the measured figure is printed (`-s`) for the report.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from page_helpers import Pages, Producer, chromium
-from playwright.async_api import Browser, Page, expect
+from page_helpers import anyio_backend, browser, pages  # noqa: F401  (pytest fixtures, by name)
+from page_helpers import Pages, Producer
+from playwright.async_api import Page, expect
 
 from server.settings import Settings
 
@@ -45,24 +45,7 @@ OBSERVE = """
 """
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def browser(anyio_backend: str) -> AsyncIterator[Browser]:
-    async with chromium() as running:
-        yield running
-
-
-@pytest.fixture
-async def pages(browser: Browser) -> AsyncIterator[Pages]:
-    opened = Pages(browser, init_scripts=[OBSERVE])
-    try:
-        yield opened
-    finally:
-        await opened.close()
+PAGE_INIT_SCRIPTS = [OBSERVE]  # every page of this module (page_helpers.pages)
 
 
 async def shown_ids(page: Page) -> list[str]:

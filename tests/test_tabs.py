@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 import pytest
+from page_helpers import anyio_backend, browser  # noqa: F401  (pytest fixtures, by name)
 from page_helpers import (
     TRACK_EVENTSOURCES,
     PageWatch,
     Producer,
-    chromium,
     proxied,
     stream_stats,
     wait_open_streams,
@@ -34,17 +34,6 @@ pytestmark = pytest.mark.anyio
 LIVE = 5000  # ms: every tab shows "Live" this soon
 WITHIN = 2000  # ms: a change reaches every one of twelve tabs this soon (two cores, twelve renderers)
 NO_SHARED_WORKER = "delete window.SharedWorker;"
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def browser(anyio_backend: str) -> AsyncIterator[Browser]:
-    async with chromium() as running:
-        yield running
 
 
 @pytest.fixture
