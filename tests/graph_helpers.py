@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,18 @@ def make_pdf(lines: list[str]) -> bytes:
     for line in lines:
         ops.append(f"({escape(line)}) Tj T*")
     ops.append("ET")
-    stream = "\n".join(ops).encode("latin-1")
+    return pdf_with_content("\n".join(ops).encode("latin-1"))
+
+
+def pdf_with_content(stream: bytes, *, flate: bool = False) -> bytes:
+    """A one-page PDF (Helvetica as /F1) around a content stream (zlib-compressed when ``flate``)."""
+    if flate:
+        stream = zlib.compress(stream, 9)
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Length %d%s >>\nstream\n" % (len(stream), b" /Filter /FlateDecode" if flate else b"") + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
     out = bytearray(b"%PDF-1.4\n")

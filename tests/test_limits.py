@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -18,7 +17,7 @@ import anyio
 import httpx
 import pytest
 from conftest import free_port
-from graph_helpers import make_pdf
+from graph_helpers import make_pdf, pdf_with_content
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -269,25 +268,7 @@ def expanding_pdf(repeats: int, line: str = "All work and no play makes Jack a d
     """A one-page PDF whose Flate-compressed content stream repeats a text line ``repeats`` times:
     a few KB on the wire, ``repeats * len(line)`` characters of text."""
     body = b"".join([b"BT /F1 12 Tf 14 TL 72 720 Td\n", (b"(" + line.encode() + b") Tj T*\n") * repeats, b"ET"])
-    stream = zlib.compress(body, 9)
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, obj in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    for offset in offsets:
-        out += b"%010d 00000 n \n" % offset
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_with_content(body, flate=True)
 
 
 async def test_expanding_pdf_is_413_and_stops_while_extracting(live_server, settings):
