@@ -124,11 +124,20 @@ def request_refusal(scope: Scope, headers: Headers, cors_origins: frozenset[str]
         return _envelope(403, "cross-origin request refused (Origin is not allowed; see TASKMON_CORS_ORIGINS)")
     if _has_body(headers):
         media = _media_type(headers.get("content-type", ""))
-        if not _is_json(media) and not (media == "multipart/form-data" and scope["path"] in MULTIPART_PATHS):
-            if scope["path"] in MULTIPART_PATHS:
+        path = route_path(scope)
+        if not _is_json(media) and not (media == "multipart/form-data" and path in MULTIPART_PATHS):
+            if path in MULTIPART_PATHS:
                 return _envelope(415, "send multipart/form-data with 'files', or application/json with 'name' and 'text'")
             return _envelope(415, "unsupported content type; send application/json")
     return None
+
+
+def route_path(scope: Scope) -> str:
+    """The path inside taskmon: under a mount or a root path, ``scope["path"]`` still starts with the
+    prefix (``root_path``), which is not part of taskmon's own routes."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _content_type(raw: list[tuple[bytes, bytes]]) -> str:

@@ -250,3 +250,22 @@ async def test_a_fastapi_host_adds_live_progress_with_two_lines(settings: Settin
         link = (await http.get(f"/jobs/{task_id}")).json()["progress"]
         assert link == f"{url}{PREFIX}/tasks/{task_id}/stream"
         assert await follow(http, link, task_id) == [("task", 1), ("task", 2), ("task", 3), ("end", "completed")]
+
+
+async def test_a_mounted_upload_is_multipart_like_at_the_root(settings: Settings) -> None:
+    # The content-type check knows the one multipart endpoint by its path inside taskmon, not by
+    # the host's full path (under a mount, scope["path"] still carries the prefix).
+    taskmon = create_app(settings)
+    host = Starlette(routes=[Mount(PREFIX, app=taskmon)], lifespan=taskmon.lifespan)
+    async with running(host):  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=host), base_url="http://localhost") as http:
+            response = await http.post(
+                f"{PREFIX}/api/graph/project",
+                data={"name": "mounted"},
+                files=[("files", ("notes.txt", b"Ada Lovelace wrote the first program.", "text/plain"))],
+            )
+            assert response.status_code == 201, response.text
+            assert response.json()["data"]["name"] == "mounted"
+            # and a multipart body anywhere else is still refused
+            refused = await http.post(f"{PREFIX}/api/tasks", files=[("files", ("x.txt", b"x", "text/plain"))])
+            assert refused.status_code == 415
