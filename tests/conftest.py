@@ -128,9 +128,13 @@ class LiveServer:
         assert self.app is not None
         return self.app.state.manager
 
+    def _config(self, app: TaskmonApp) -> Any:
+        """The uvicorn config to serve ``app`` with (a subclass may wrap the app, e.g. in a proxy)."""
+        return uvicorn_config(app, self.settings)
+
     async def start(self) -> None:
         self.app = create_app(self.settings)
-        self._server = Server(uvicorn_config(self.app, self.settings), self.app)
+        self._server = Server(self._config(self.app), self.app)
         self._thread = threading.Thread(target=self._server.run, name="live-uvicorn", daemon=True)
         self._thread.start()
         with anyio.fail_after(10):

@@ -5,7 +5,6 @@ Debian's Chromium driven by Playwright's Python package; the producer API called
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,8 +17,6 @@ import pytest
 from conftest import LiveServer, require_tool
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, async_playwright
 
-from server.app import create_app
-from server.cli import Server, uvicorn_config
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -219,18 +216,10 @@ class ProxiedServer(LiveServer):
         """Every stream request so far (any client), as ``path?query``."""
         return [r for r in self.requests if r.split("?", 1)[0].endswith("/stream")]
 
-    async def start(self) -> None:
-        self.app = create_app(self.settings)
-        config = uvicorn_config(self.app, self.settings)
-        config.app = behind_prefix(self.app, self.prefix, self.requests)
-        self._server = Server(config, self.app)
-        self._thread = threading.Thread(target=self._server.run, name="live-uvicorn-proxied", daemon=True)
-        self._thread.start()
-        with anyio.fail_after(10):
-            while not self._server.started:
-                if not self._thread.is_alive():
-                    raise RuntimeError("uvicorn exited during start-up")
-                await anyio.sleep(0.01)
+    def _config(self, app: Any) -> Any:
+        config = super()._config(app)
+        config.app = behind_prefix(app, self.prefix, self.requests)
+        return config
 
 
 @asynccontextmanager
