@@ -36,8 +36,13 @@ __all__ = ["Event", "EventBus", "Subscriber", "encode_json", "removed_frame"]
 logger = logging.getLogger(__name__)
 
 
+# one encoder for the process: ``json.dumps`` with these options builds a new JSONEncoder per call,
+# which cost as much as encoding a snapshot
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def encode_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _frame(data: str, event: str, event_id: str | None = None) -> bytes:

@@ -40,7 +40,7 @@ from .models import (
     utcnow,
 )
 from .query import MAX_LIST_LIMIT, Page, TaskQuery, parse_limit, parse_status
-from .stores import Conflict, StoreUnavailable, TaskStore
+from .stores import Ack, Conflict, StoreUnavailable, TaskStore
 
 __all__ = [
     "CANCELLED",
@@ -187,12 +187,24 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(Task))
 _ALL_FIELDS = operator.attrgetter(*_FIELDS)
 
 
+_SLOT_SETTERS = tuple(getattr(Task, name).__set__ for name in _FIELDS)
+_new_object = object.__new__
+
+
 def _replace(task: Task, fields: dict[str, Any], **more: Any) -> Task:
-    """``dataclasses.replace`` without its per-call introspection (it is on every change's path)."""
+    """``dataclasses.replace`` without its per-call introspection (it is on every change's path).
+
+    Task is a frozen slots dataclass with no ``__post_init__``: its ``__init__`` only stores each
+    field through ``object.__setattr__``, so the new snapshot's slots are filled directly."""
     values = dict(zip(_FIELDS, _ALL_FIELDS(task)))
     values.update(fields)
     values.update(more)
-    return Task(**values)
+    if len(values) != len(_FIELDS):
+        return Task(**values)  # a name that is not a field: Task's own TypeError
+    new = _new_object(Task)
+    for store, value in zip(_SLOT_SETTERS, values.values()):
+        store(new, value)
+    return new
 
 
 def _ts(moment: datetime) -> float:
@@ -256,6 +268,13 @@ class TaskManager:
 
     async def aget_task(self, task_id: str) -> Task | None:
         return await self._store.aget(task_id)
+
+    async def aexists(self, task_id: str) -> bool:
+        """Whether the task exists; a live task held in memory (memory, sqlite) answers without I/O."""
+        cached = getattr(self._store, "cached", None)
+        if cached is not None and cached(task_id):
+            return True
+        return await self._store.aget(task_id) is not None
 
     def is_stale(self, task: Task, now: datetime | None = None) -> bool:
         if task.is_terminal:
@@ -597,7 +616,32 @@ class TaskManager:
         ``known``: the caller has just checked that the task exists (the route does, before the body)."""
         if not known and await self._store.aget(task_id) is None:
             raise TaskNotFoundError(task_id)
-        return await self._achange(task_id, validate_changes(changes))
+        fields = validate_changes(changes)
+        if not self._shared:
+            # the producer path's common case, with no coroutine in between: a live task held in
+            # memory is planned, committed and published at once; only a group commit is awaited
+            done = self._change_cached(task_id, fields)
+            if done is not None:
+                task, body, ack = done
+                if not ack.durable:
+                    await ack.done()
+                return task, body
+        return await self._achange(task_id, fields)
+
+    def _change_cached(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str, Ack] | None:
+        """memory/sqlite: the change applied to the live snapshot held in memory, under the lock;
+        None when the task is not held (finished, gone, or unknown: ``_achange`` says which)."""
+        with self._lock:
+            current = self._store.cached(task_id)  # type: ignore[attr-defined]
+            if not current:
+                return None
+            task, body = self._plan(current, task_id, fields)
+            try:
+                ack = self._store.commit(task, current.version, body)
+            except Conflict:
+                return None  # not under this lock's rule: the general path retries
+            self._publish_local(task, body)
+        return task, body, ack
 
     async def acancel(self, task_id: str) -> tuple[Task, str]:
         return await self._achange(task_id, {"cancel": True})

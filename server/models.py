@@ -67,8 +67,25 @@ def is_task_id(value: str) -> bool:
     return len(value) == 36 and _TASK_ID.fullmatch(value) is not None
 
 
+_ISO_CACHE: dict[datetime, str] = {}
+_ISO_CACHE_SIZE = 4096
+
+
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
+
+
+def _iso_kept(moment: datetime) -> str:
+    """``_iso`` for the moments a task repeats in every snapshot (created_at, started_at): formatted
+    once, then looked up (isoformat was a quarter of encoding a snapshot). Bounded: cleared when full."""
+    if moment.tzinfo is not UTC:  # equal instants in other zones must keep their own offset
+        return moment.isoformat(timespec="microseconds")
+    text = _ISO_CACHE.get(moment)
+    if text is None:
+        if len(_ISO_CACHE) >= _ISO_CACHE_SIZE:
+            _ISO_CACHE.clear()
+        text = _ISO_CACHE[moment] = moment.isoformat(timespec="microseconds")
+    return text
 
 
 RATE_WINDOW = 10  # progress samples the rate is estimated over
@@ -125,7 +142,7 @@ class Task:
             "task_id": self.task_id,
             "task_type": self.task_type,
             "status": self.status.value,
-            "created_at": _iso(self.created_at),
+            "created_at": _iso_kept(self.created_at),
             "updated_at": _iso(self.updated_at),
             "progress": self.progress,
             "message": self.message,
@@ -134,7 +151,7 @@ class Task:
             "error": self.error,
             "metadata": self.metadata,
             "version": self.version,
-            "started_at": _iso_or_none(self.started_at),
+            "started_at": None if self.started_at is None else _iso_kept(self.started_at),
             "finished_at": _iso_or_none(self.finished_at),
             "rate": self.rate,
             "eta_s": self.eta_s,
