@@ -72,6 +72,7 @@ OPENING_READS = 4
 
 _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
+_UPDATABLE_SET = frozenset(_UPDATABLE)
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
 _LEAD = object()  # handed to the change that commits the next chain (shared store)
 _SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread path
@@ -109,7 +110,7 @@ def _check_json(name: str, value: Any) -> None:
 
 def validate_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
     """Check the fields of an update; returns them normalised. Raises ValueError naming the field."""
-    unknown = sorted(set(changes) - set(_UPDATABLE))
+    unknown = sorted(set(changes) - _UPDATABLE_SET) if not _UPDATABLE_SET.issuperset(changes) else None
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(_UPDATABLE)}")
     if not changes:
@@ -163,7 +164,7 @@ def _validate_new(task_type: Any, metadata: Any) -> None:
 def encode_task(task: Task) -> str:
     """The snapshot's wire JSON, once; a value that does not encode or is too large is a ValueError."""
     try:
-        body = encode_json(task.to_dict())
+        body = task.to_json()
     except (TypeError, ValueError, RecursionError):
         raise ValueError(f"{_unencodable_field(task)} must be JSON-serialisable") from None
     if len(body) > _SMALL:
@@ -651,8 +652,15 @@ class TaskManager:
 
     # -- events ----------------------------------------------------------------------------------
     def _publish_local(self, task: Task, body: str) -> None:
-        if self._bus is not None and not self._shared:
-            self._bus.publish(Event.from_body(task, body))
+        """Under the lock (memory, sqlite): the change to the local bus, unless no stream would see it
+        (and it does not end a stale announcement): then only counted."""
+        bus = self._bus
+        if bus is None or self._shared:
+            return
+        if bus.has_audience(task.task_id) or task.task_id in self._stale:
+            bus.publish(Event.from_body(task, body))
+        else:
+            bus.unheard += 1
 
     def on_feed(self, kind: str, task: Task, body: str | None) -> None:
         """The shared store's reader: every process's changes, in the store's order (loop thread)."""

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from .wire import encode_json, encode_str
+
 __all__ = [
     "RATE_WINDOW",
     "Task",
@@ -159,6 +161,34 @@ class Task:
             "cancel_requested": self.cancel_requested,
             "lease_s": self.lease_s,
         }
+
+    def to_json(self, stale: bool = False) -> str:
+        """``encode_json(self.to_dict(stale))``, built from its parts: the producer path encodes every
+        snapshot once, and this skips the dict and the key encoding (tests/test_models.py checks
+        it against ``to_dict`` on generated tasks). Raises as ``encode_json`` does."""
+        rate, eta, lease = self.rate, self.eta_s, self.lease_s
+        return "".join((
+            '{"task_id":', encode_str(self.task_id),
+            ',"task_type":', encode_str(self.task_type),
+            ',"status":"', self.status.value,
+            '","created_at":"', _iso_kept(self.created_at),
+            '","updated_at":"', _iso(self.updated_at),
+            '","progress":', encode_json(self.progress),
+            ',"message":', encode_json(self.message),
+            ',"progress_detail":', encode_json(self.progress_detail),
+            ',"result":', "null" if self.result is None else encode_json(self.result),
+            ',"error":', "null" if self.error is None else encode_json(self.error),
+            ',"metadata":', encode_json(self.metadata),
+            ',"version":', encode_json(self.version),
+            ',"started_at":', "null" if self.started_at is None else '"' + _iso_kept(self.started_at) + '"',
+            ',"finished_at":', "null" if self.finished_at is None else '"' + _iso(self.finished_at) + '"',
+            ',"rate":', "null" if rate is None else encode_json(rate),
+            ',"eta_s":', "null" if eta is None else encode_json(eta),
+            ',"stale":', "true" if stale else "false",
+            ',"cancel_requested":', "true" if self.cancel_requested else "false",
+            ',"lease_s":', "null" if lease is None else encode_json(lease),
+            "}",
+        ))
 
     def to_record(self) -> dict[str, Any]:
         """What a store keeps: the wire form plus the internal fields."""
