@@ -163,6 +163,7 @@ async def serve_patch(app: Any, scope: Scope, receive: Receive, send: Send, task
     await send({"type": "http.response.start", "status": status,
                 "headers": [*_JSON_HEAD, (b"content-length", b"%d" % len(payload)), *extra, *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": payload})
+    app.state.manager.bus.flush_urgent()  # the change's first deliveries, right after its answer
 
 
 _JSON_HEAD = ((b"content-type", b"application/json"),)

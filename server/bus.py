@@ -253,6 +253,7 @@ class EventBus:
         self.ready: list[Subscriber] = []  # subscribers with something new since the last flush
         self._flush_scheduled = False
         self._last_flush = -BATCH_WINDOW_S
+        self._urgent = False  # the scheduled flush is for rare deliveries (see flush_urgent)
         self._by_task: dict[str, set[Subscriber]] = {}
         self._all: set[Subscriber] = set()
         self.hook: Callable[[Event], None] | None = None  # sees every event before its fan-out
@@ -350,11 +351,21 @@ class EventBus:
         if loop.time() - self._last_flush < BATCH_WINDOW_S:
             loop.call_soon(loop.call_soon, self._flush)
         else:
+            self._urgent = True  # flush_urgent() may run it sooner, once the publisher let go
             loop.call_soon(self._flush)
+
+    def flush_urgent(self) -> None:
+        """Loop thread, holding no lock: run a flush scheduled for rare deliveries now instead of at
+        the end of this turn. The PATCH fast path calls it once its answer is written, so an
+        update's first delivery does not wait for the rest of a batch of other requests."""
+        if self._urgent:
+            self._flush()
 
     def _flush(self) -> None:
         """Once per burst: every subscriber with something new writes it (or is woken to)."""
-        self._flush_scheduled = False
+        if not self._flush_scheduled:
+            return  # flush_urgent() ran it already
+        self._flush_scheduled = self._urgent = False
         self._last_flush = self._loop.time()
         ready = self.ready
         self.ready = []
