@@ -133,7 +133,7 @@ async def serve_patch(app: Any, scope: Scope, receive: Receive, send: Send, task
             return
         require_api_token(request)
         manager: TaskManager = app.state.manager
-        if not is_task_id(task_id) or await manager.aget_task(task_id) is None:
+        if not is_task_id(task_id) or not await manager.aexists(task_id):
             raise TaskNotFoundError(task_id)
         changes = await read_json(request)
         try:
