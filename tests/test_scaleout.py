@@ -276,17 +276,19 @@ def test_serve_workers_refused_on_embedded_stores(tmp_path):
 
 
 async def test_serve_workers_on_redis_shares_one_port(shared_url, tmp_path):
-    """Two worker processes behind one port: tasks made through either are seen by both."""
+    """Two worker processes behind one port: tasks made through either are seen by both; each worker
+    speaks taskmon's connection protocol (431 JSON for an oversize header) and the whole group stops
+    as promptly as one process does, open streams included."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMON_")}
-    env["TASKMON_DATA_DIR"] = str(tmp_path / "data")
+    env.update({"TASKMON_DATA_DIR": str(tmp_path / "data"), "TASKMON_MAX_HEADER_BYTES": "4096"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", str(port), "--store", shared_url],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as http:
             with anyio.fail_after(30):
                 while True:
                     try:
@@ -300,9 +302,55 @@ async def test_serve_workers_on_redis_shares_one_port(shared_url, tmp_path):
             for task_id in made:  # new connections: spread over the workers
                 async with httpx.AsyncClient(timeout=5) as fresh:
                     assert (await fresh.get(f"{base}/api/graph/task/{task_id}")).status_code == 200
+            for _ in range(4):  # new connections: whichever worker takes one refuses the header
+                answer = await _raw(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8192)
+                assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+                assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["success"] is False
+
+            ended: list[str] = []
+            opened = [anyio.Event() for _ in made]
+            async with anyio.create_task_group() as tg:
+                for task_id, event in zip(made, opened):
+                    tg.start_soon(_follow_to_close, http, f"{base}/tasks/{task_id}/stream", event, ended)
+                for event in opened:
+                    await event.wait()
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(10):
+                    await anyio.to_thread.run_sync(proc.wait)
+                elapsed = time.monotonic() - started
+            assert len(ended) == len(made)  # every stream was ended by its worker, none cut
+            assert elapsed < 2.5, f"--workers exit took {elapsed:.2f} s"
+            assert "Traceback" not in proc.stderr.read().decode()
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+        proc.stderr.close()
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    """One request on a fresh connection; everything the server sends until it closes."""
+    out = b""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    out += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    return out
+
+
+async def _follow_to_close(http: httpx.AsyncClient, url: str, opened: anyio.Event, ended: list[str]) -> None:
+    """Read a task's stream until the server ends it; record how it ended."""
+    async with aconnect_sse(http, "GET", url) as source:
+        assert source.response.status_code == 200
+        opened.set()
+        async for _event in source.aiter_sse():
+            pass
+    ended.append(url)
 
 
 def _children(pid: int) -> list[int]:
