@@ -261,10 +261,21 @@ class TaskManager:
 
     @classmethod
     def open(cls, url: str, **options: Any) -> TaskManager:
-        """A producer-only manager on a store URL (e.g. a job on another host reporting through Redis)."""
+        """A producer-only manager on a store URL (e.g. a job on another host reporting through Redis).
+
+        On a shared store it keeps this process's job-pool heartbeat (until ``close()``), so tasks it
+        creates with ``owned=True`` are failed as interrupted only once this process is gone."""
         from .stores import open_store
 
-        return cls(open_store(url), None, **options)
+        manager = cls(open_store(url), None, **options)
+        keep_alive = getattr(manager._store, "keep_owner_alive", None)
+        if keep_alive is not None:  # shared store: this process's job pool (``owned`` tasks) heartbeats
+            try:
+                keep_alive(manager.owner)
+            except BaseException:
+                manager.close()
+                raise
+        return manager
 
     def close(self) -> None:
         self._store.close()

@@ -401,3 +401,66 @@ async def test_concurrent_patches_through_two_processes_lose_nothing(shared_url,
             await until(lambda: events and events[-1][0] == "end", what="B's stream to end")
     seen = versions(events)
     assert all(x < y for x, y in zip(seen, seen[1:])) and seen[-1] == before + 201
+
+
+_POOL = """
+import sys
+from server.stores import redis as store_module
+store_module.OWNER_TTL_MS, store_module.OWNER_RENEW_S = 1000, 0.1  # a quick heartbeat for the test
+from server.manager import TaskManager
+manager = TaskManager.open(sys.argv[1])
+task = manager.update_task(manager.create_task("pool job", owned=True).task_id, status="processing")
+print(task.task_id, flush=True)
+sys.stdin.readline()  # "finish"
+manager.complete_task(task.task_id, {"by": "pool"})
+print("done", flush=True)
+sys.stdin.readline()
+manager.close()
+"""
+
+
+async def test_a_producer_only_process_job_pool_heartbeats_so_a_server_starting_leaves_its_tasks(shared_url, tmp_path):
+    """``TaskManager.open(redis://)`` in a process of its own runs a job-pool task (owned) past its
+    heartbeat's TTL: a server starting then (which fails tasks of dead pools) leaves it running, and
+    the job finishes it. Once that process closed its manager, its heartbeat key is gone."""
+    import redis as redis_py
+
+    from server.stores.redis import OWNER_PREFIX
+
+    pool = subprocess.Popen(
+        [sys.executable, "-c", _POOL, shared_url], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with anyio.fail_after(20):
+            task_id = (await anyio.to_thread.run_sync(pool.stdout.readline)).strip()
+        assert task_id, "the pool process did not start its job"
+        client = redis_py.Redis.from_url(shared_url, decode_responses=True)
+        owner = json.loads(client.hget(f"taskmon:{{t:{task_id}}}:task", "internal"))["owner"]
+        key = OWNER_PREFIX + owner
+        started = time.monotonic()
+        with anyio.fail_after(10):  # three TTLs: only renewals keep the key
+            while time.monotonic() - started < 3.0:
+                assert client.exists(key), "the job pool's heartbeat lapsed"
+                await anyio.sleep(0.05)
+        async with servers(shared_url, tmp_path, n=1) as (a,), httpx.AsyncClient(timeout=5) as http:
+            task = (await http.get(f"{a.url}/api/graph/task/{task_id}")).json()["data"]
+            assert task["status"] == "processing", task  # not "interrupted" by the server's start
+            pool.stdin.write("finish\n")
+            pool.stdin.flush()
+            with anyio.fail_after(10):
+                assert (await anyio.to_thread.run_sync(pool.stdout.readline)).strip() == "done"
+            task = (await http.get(f"{a.url}/api/graph/task/{task_id}")).json()["data"]
+            assert task["status"] == "completed" and task["result"] == {"by": "pool"}
+        pool.stdin.write("close\n")
+        pool.stdin.flush()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(pool.wait)
+        assert pool.returncode == 0
+        assert not client.exists(key)  # a clean close drops the heartbeat
+        client.close()
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+            pool.wait()
+        pool.stdin.close()
+        pool.stdout.close()

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -291,6 +292,8 @@ class RedisStore:
         self._reader_client: aredis.Redis | None = None
         self._feed: FeedCallback | None = None
         self._owner: str | None = None
+        self._heartbeat: threading.Thread | None = None  # keep_owner_alive (no loop of ours)
+        self._heartbeat_stop = threading.Event()
         self._token = os.urandom(8).hex()  # this process's identity for sweep leases
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_id: str | None = None
@@ -492,6 +495,28 @@ class RedisStore:
         """This process's job pool id: ``start()`` sets its heartbeat key and keeps renewing it."""
         self._owner = owner
 
+    def keep_owner_alive(self, owner: str) -> None:
+        """A process with no event loop of ours (``TaskManager.open``): set the job pool's heartbeat
+        now and renew it from a daemon thread until ``close()``, as a serving process does from its
+        loop, so a process starting elsewhere does not fail this pool's tasks as interrupted."""
+        self._owner = owner
+        with _guard():
+            self._sync.set(OWNER_PREFIX + owner, "1", px=OWNER_TTL_MS)
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew_owner_sync, name="taskmon-redis-owner", daemon=True)
+        self._heartbeat.start()
+
+    def _renew_owner_sync(self) -> None:
+        assert self._owner is not None
+        key = OWNER_PREFIX + self._owner
+        while not self._heartbeat_stop.wait(OWNER_RENEW_S):
+            try:
+                self._sync.set(key, "1", px=OWNER_TTL_MS)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                logger.warning("could not renew the job pool's heartbeat in redis")
+            except RedisError:
+                logger.exception("renewing the job pool's heartbeat failed")
+
     def owner_alive(self, owner: str) -> bool:
         with _guard():
             return bool(self._sync.exists(OWNER_PREFIX + owner))
@@ -502,6 +527,14 @@ class RedisStore:
             return bool(self._lead_sync(keys=[LEAD_PREFIX + name], args=[self._token, int(ttl_s * 1000)]))
 
     def close(self) -> None:
+        if self._heartbeat is not None:  # keep_owner_alive's thread: stop it, then drop the key
+            self._heartbeat_stop.set()
+            self._heartbeat.join(self._timeout * 2 + 1)
+            self._heartbeat = None
+            try:  # a clean stop: another process may fail this pool's tasks at once
+                self._sync.delete(OWNER_PREFIX + (self._owner or ""))
+            except (RedisError, OSError):
+                logger.warning("could not drop the job pool's heartbeat key")
         self._sync.close()
 
     # -- the event loop --------------------------------------------------------------------------
