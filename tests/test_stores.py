@@ -621,7 +621,7 @@ async def test_redis_own_commits_and_the_reader_put_every_version_on_each_bus_on
             managers.append(manager)
             logs.append(log)
         a, b = managers
-        made = [(await (a if k % 2 else b).acreate("dedupe"))[0].task_id for k in range(10)]
+        made = [(await (a if k % 2 else b).acreate("dedupe"))[0].task_id for k in range(6)]
         for task_id in made:
             await a.apatch(task_id, {"status": "processing"})
 
