@@ -40,6 +40,7 @@ __all__ = [
     "mint_task_token",
     "require_api_token",
     "require_read_token",
+    "require_write",
     "verify_task_token",
 ]
 
@@ -119,7 +120,12 @@ def check_read(
 
 
 def require_api_token(request: Request) -> None:
-    reason = check_write(request.app.state.settings, request.headers)
+    require_write(request.app.state.settings, request.headers)
+
+
+def require_write(settings: Settings, headers: Mapping[str, str]) -> None:
+    """The 401 ApiError unless ``headers`` carry the API token (or none is configured)."""
+    reason = check_write(settings, headers)
     if reason:
         raise ApiError(401, reason, headers=_CHALLENGE)
 

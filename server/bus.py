@@ -30,14 +30,13 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from .models import Task, TaskStatus
+from .wire import encode_json
 
 __all__ = ["Event", "EventBus", "Subscriber", "encode_json", "removed_frame"]
 
 logger = logging.getLogger(__name__)
 
-
-def encode_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+BATCH_WINDOW_S = 0.02  # flushes closer together than this batch one more poll's publishes
 
 
 def _frame(data: str, event: str, event_id: str | None = None) -> bytes:
@@ -82,7 +81,7 @@ class Event:
 
     @classmethod
     def for_task(cls, task: Task, stale: bool = False) -> Event:
-        return cls.from_body(task, encode_json(task.to_dict(stale=stale)))
+        return cls.from_body(task, task.to_json(stale=stale))
 
     @classmethod
     def from_json(cls, body: str) -> Event:
@@ -253,6 +252,7 @@ class EventBus:
         self._waker_lock = threading.Lock()
         self.ready: list[Subscriber] = []  # subscribers with something new since the last flush
         self._flush_scheduled = False
+        self._last_flush = -BATCH_WINDOW_S
         self._by_task: dict[str, set[Subscriber]] = {}
         self._all: set[Subscriber] = set()
         self.hook: Callable[[Event], None] | None = None  # sees every event before its fan-out
@@ -260,6 +260,9 @@ class EventBus:
         self.open_streams = 0
         # Plain ints, read by the metrics collector at scrape time: no per-event metric locks.
         self.published = 0
+        # changes nobody was subscribed to: counted by the publisher (under the manager's lock), no
+        # event built, no hop to the loop (a producer with no watchers pays for neither)
+        self.unheard = 0
         self.delivered = 0
         self.coalesced = 0
 
@@ -320,21 +323,39 @@ class EventBus:
         if self.ready and not self._flush_scheduled:
             self._schedule_flush()
 
+    @property
+    def changes_seen(self) -> int:
+        """Every change published to this bus: fanned out, or unheard (no stream to reach)."""
+        return self.published + self.unheard
+
+    def has_audience(self, task_id: str) -> bool:
+        """Whether an event of this task would reach a stream now (any thread: two dict reads). A
+        stream registers before it reads its snapshot, so one that opens after this said no reads
+        the change from the store instead."""
+        return bool(self._all) or task_id in self._by_task
+
     def fanout_now(self, event: Event) -> None:
         """Fan an event out at once (loop thread; e.g. from ``hook``, before the event it saw)."""
         self._fanout(event)
 
     def _schedule_flush(self) -> None:
-        # Not now: the publisher may hold the manager's lock. And not at the end of this loop turn
-        # but after the next poll for I/O: publishes that arrived while the previous flush was
-        # writing ride along in the same writes. Idle, that costs one extra zero-timeout poll; busy,
-        # it is what keeps the number of writes per event falling as the load rises.
+        # Not now: the publisher may hold the manager's lock. When deliveries are frequent (the last
+        # flush was under BATCH_WINDOW_S ago), not at the next turn either but after one more poll
+        # for I/O: publishes that arrived while the previous flush was writing ride along in the
+        # same writes, which is what keeps the writes per event falling as the load rises. When
+        # they are rare (a task at 20 updates/s), the next turn: that extra poll would first run a
+        # whole batch of other requests (a producer flood on another task) ahead of the delivery.
         self._flush_scheduled = True
-        self._loop.call_soon(self._loop.call_soon, self._flush)
+        loop = self._loop
+        if loop.time() - self._last_flush < BATCH_WINDOW_S:
+            loop.call_soon(loop.call_soon, self._flush)
+        else:
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Once per burst: every subscriber with something new writes it (or is woken to)."""
         self._flush_scheduled = False
+        self._last_flush = self._loop.time()
         ready = self.ready
         self.ready = []
         for subscriber in ready:

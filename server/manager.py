@@ -40,7 +40,7 @@ from .models import (
     utcnow,
 )
 from .query import MAX_LIST_LIMIT, Page, TaskQuery, parse_limit, parse_status
-from .stores import Conflict, StoreUnavailable, TaskStore
+from .stores import Ack, Conflict, StoreUnavailable, TaskStore
 
 __all__ = [
     "CANCELLED",
@@ -72,6 +72,7 @@ OPENING_READS = 4
 
 _TICK = timedelta(microseconds=1)  # the wire resolution of updated_at
 _UPDATABLE = ("status", "progress", "message", "progress_detail", "result", "error")
+_UPDATABLE_SET = frozenset(_UPDATABLE)
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
 _LEAD = object()  # handed to the change that commits the next chain (shared store)
 _SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread path
@@ -110,7 +111,7 @@ def _check_json(name: str, value: Any) -> None:
 
 def validate_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
     """Check the fields of an update; returns them normalised. Raises ValueError naming the field."""
-    unknown = sorted(set(changes) - set(_UPDATABLE))
+    unknown = sorted(set(changes) - _UPDATABLE_SET) if not _UPDATABLE_SET.issuperset(changes) else None
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(_UPDATABLE)}")
     if not changes:
@@ -164,7 +165,7 @@ def _validate_new(task_type: Any, metadata: Any) -> None:
 def encode_task(task: Task) -> str:
     """The snapshot's wire JSON, once; a value that does not encode or is too large is a ValueError."""
     try:
-        body = encode_json(task.to_dict())
+        body = task.to_json()
     except (TypeError, ValueError, RecursionError):
         raise ValueError(f"{_unencodable_field(task)} must be JSON-serialisable") from None
     if len(body) > _SMALL:
@@ -188,12 +189,24 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(Task))
 _ALL_FIELDS = operator.attrgetter(*_FIELDS)
 
 
+_SLOT_SETTERS = tuple(getattr(Task, name).__set__ for name in _FIELDS)
+_new_object = object.__new__
+
+
 def _replace(task: Task, fields: dict[str, Any], **more: Any) -> Task:
-    """``dataclasses.replace`` without its per-call introspection (it is on every change's path)."""
+    """``dataclasses.replace`` without its per-call introspection (it is on every change's path).
+
+    Task is a frozen slots dataclass with no ``__post_init__``: its ``__init__`` only stores each
+    field through ``object.__setattr__``, so the new snapshot's slots are filled directly."""
     values = dict(zip(_FIELDS, _ALL_FIELDS(task)))
     values.update(fields)
     values.update(more)
-    return Task(**values)
+    if len(values) != len(_FIELDS):
+        return Task(**values)  # a name that is not a field: Task's own TypeError
+    new = _new_object(Task)
+    for store, value in zip(_SLOT_SETTERS, values.values()):
+        store(new, value)
+    return new
 
 
 def _after_next_poll() -> asyncio.Future[None]:
@@ -288,10 +301,16 @@ class TaskManager:
         return await self._store.aget(task_id)
 
     async def aexists(self, task_id: str) -> bool:
-        """The PATCH route's 404 check. On the shared store a task this process is changing (a chain
-        in flight) or has seen live costs no round trip: were it removed meanwhile (only finished tasks
-        are), the change itself finds it gone and raises TaskNotFoundError all the same."""
-        if self._shared and (task_id in self._pending or task_id in self._published):
+        """Whether the task exists (the PATCH route's 404 check). A live task held in memory (memory,
+        sqlite) answers without I/O; so does, on the shared store, a task this process is changing (a
+        chain in flight) or has seen live: were it removed meanwhile (only finished tasks are), the
+        change itself finds it gone and raises TaskNotFoundError all the same."""
+        if self._shared:
+            if task_id in self._pending or task_id in self._published:
+                return True
+            return await self._store.aget(task_id) is not None
+        cached = getattr(self._store, "cached", None)
+        if cached is not None and cached(task_id):
             return True
         return await self._store.aget(task_id) is not None
 
@@ -644,7 +663,32 @@ class TaskManager:
         ``known``: the caller has just checked that the task exists (the route does, before the body)."""
         if not known and await self._store.aget(task_id) is None:
             raise TaskNotFoundError(task_id)
-        return await self._achange(task_id, validate_changes(changes))
+        fields = validate_changes(changes)
+        if not self._shared:
+            # the producer path's common case, with no coroutine in between: a live task held in
+            # memory is planned, committed and published at once; only a group commit is awaited
+            done = self._change_cached(task_id, fields)
+            if done is not None:
+                task, body, ack = done
+                if not ack.durable:
+                    await ack.done()
+                return task, body
+        return await self._achange(task_id, fields)
+
+    def _change_cached(self, task_id: str, fields: dict[str, Any]) -> tuple[Task, str, Ack] | None:
+        """memory/sqlite: the change applied to the live snapshot held in memory, under the lock;
+        None when the task is not held (finished, gone, or unknown: ``_achange`` says which)."""
+        with self._lock:
+            current = self._store.cached(task_id)  # type: ignore[attr-defined]
+            if not current:
+                return None
+            task, body = self._plan(current, task_id, fields)
+            try:
+                ack = self._store.commit(task, current.version, body)
+            except Conflict:
+                return None  # not under this lock's rule: the general path retries
+            self._publish_local(task, body)
+        return task, body, ack
 
     async def acancel(self, task_id: str) -> tuple[Task, str]:
         return await self._achange(task_id, {"cancel": True})
@@ -654,8 +698,15 @@ class TaskManager:
 
     # -- events ----------------------------------------------------------------------------------
     def _publish_local(self, task: Task, body: str) -> None:
-        if self._bus is not None and not self._shared:
-            self._bus.publish(Event.from_body(task, body))
+        """Under the lock (memory, sqlite): the change to the local bus, unless no stream would see it
+        (and it does not end a stale announcement): then only counted."""
+        bus = self._bus
+        if bus is None or self._shared:
+            return
+        if bus.has_audience(task.task_id) or task.task_id in self._stale:
+            bus.publish(Event.from_body(task, body))
+        else:
+            bus.unheard += 1
 
     # The shared store: the reader hands every process's changes to the local bus, in the store's
     # order. This process's own commits are published at once when they return (no wait for the

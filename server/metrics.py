@@ -24,7 +24,7 @@ class _TaskmonCollector(Collector):
         subscribers.add_metric(["task"], per_task)
         subscribers.add_metric(["all"], all_tasks)
         yield subscribers
-        yield CounterMetricFamily("taskmon_events_published", "Task events published", value=bus.published)
+        yield CounterMetricFamily("taskmon_events_published", "Task events published", value=bus.changes_seen)
         yield CounterMetricFamily(
             "taskmon_events_delivered", "Task events written to stream clients", value=bus.delivered
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -30,7 +31,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .settings import Settings
 
-__all__ = ["CSP", "SECURITY_HEADERS", "SecurityMiddleware", "allowed_hosts", "host_refusal", "request_refusal"]
+__all__ = [
+    "CSP",
+    "SECURITY_HEADERS",
+    "SecurityMiddleware",
+    "allowed_hosts",
+    "first_headers",
+    "host_refusal",
+    "request_refusal",
+]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -71,12 +80,24 @@ def allowed_hosts(settings: Settings) -> frozenset[str]:
     return frozenset(names)
 
 
+_last_allowed: tuple[Settings | None, frozenset[str]] = (None, frozenset())
+
+
 def host_refusal(settings: Settings, scope: Scope) -> JSONResponse | None:
-    """The 400 answer for a request whose Host is not allowed, else None."""
-    allowed = allowed_hosts(settings)
+    """The 400 answer for a request whose Host is not allowed, else None. On every request: the
+    allow-list of the last settings seen is kept (hashing the settings for the cache costs more)."""
+    global _last_allowed
+    seen, allowed = _last_allowed
+    if seen is not settings:
+        allowed = allowed_hosts(settings)
+        _last_allowed = (settings, allowed)
     if "*" in allowed:
         return None
-    host = Headers(scope=scope).get("host")
+    host = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value.decode("latin-1")
+            break
     if host is None:
         return _envelope(400, "a Host header is required")
     if _host_name(host) in allowed:
@@ -102,14 +123,27 @@ def _is_json(media: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def _has_body(headers: Headers) -> bool:
+def _has_body(headers: Headers | Mapping[str, str]) -> bool:
     length = headers.get("content-length")
     if length is not None:
         return length.strip() not in ("", "0")
     return "transfer-encoding" in headers
 
 
-def request_refusal(scope: Scope, headers: Headers, cors_origins: frozenset[str]) -> JSONResponse | None:
+def first_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's headers as a plain dict, the first of a repeated name kept (as Starlette's
+    ``Headers.get`` does): the PATCH fast path reads five names once instead of scanning five times."""
+    out: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1")
+        if key not in out:
+            out[key] = value.decode("latin-1")
+    return out
+
+
+def request_refusal(
+    scope: Scope, headers: Headers | Mapping[str, str], cors_origins: frozenset[str]
+) -> JSONResponse | None:
     """The 403/415 answer for a mutating request from a foreign Origin or with a non-JSON body."""
     method = scope["method"]
     if method not in _MUTATING:

@@ -261,6 +261,115 @@ async def test_connection_limits_hold_with_either_http_implementation(settings, 
     assert not thread.is_alive()
 
 
+class _Recorder:
+    """A transport that records what reaches the socket, call by call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def writelines(self, chunks) -> None:
+        self.calls.append(("writelines", b"".join(chunks)))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str):
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+
+def test_a_patch_answer_goes_out_in_one_write_and_nothing_is_held_back() -> None:
+    from server.connections import _HeadWithBody
+
+    head, body = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"{}"
+    sink = _Recorder()
+    transport = _HeadWithBody(sink)  # type: ignore[arg-type]
+    transport.write(head)
+    assert sink.calls == []  # held for the body
+    transport.write(body)
+    assert sink.calls == [("writelines", head + body)]
+    transport.write(b"more")  # a later chunk is not held
+    assert sink.calls[-1] == ("write", b"more")
+
+    sink = _Recorder()
+    transport = _HeadWithBody(sink)  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it: never held
+    assert sink.calls == [("write", b"HTTP/1.1 100 Continue\r\n\r\n")]
+    transport.write(head)
+    assert transport.get_extra_info("peername") == ("127.0.0.1", 1)  # any other use releases the head
+    assert sink.calls[-1] == ("write", head)
+
+    sink = _Recorder()
+    transport = _HeadWithBody(sink)  # type: ignore[arg-type]
+    transport.write(head)
+    transport.close()  # e.g. the app failed after the start message: the head still goes first
+    assert sink.calls == [("write", head)] and sink.closed
+
+
+@pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
+async def test_patches_pipelined_or_with_expect_100_are_answered_whole_and_in_order(settings, base):
+    settings = settings.with_changes(port=free_port())
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
+    config.http = limited_protocol(settings, base)
+    server = Server(config, app)
+    thread = threading.Thread(target=server.run, name="uvicorn-" + base.__name__, daemon=True)
+    thread.start()
+    port = settings.port
+
+    def patch(task_id: str, progress: int, extra: bytes = b"") -> tuple[bytes, bytes]:
+        body = json.dumps({"progress": progress}).encode()
+        head = (f"PATCH /api/tasks/{task_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n").encode() + extra + b"\r\n"
+        return head, body
+
+    async def responses(reader: asyncio.StreamReader, n: int) -> list[tuple[int, dict]]:
+        out = []
+        with anyio.fail_after(10):
+            for _ in range(n):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                out.append((status, json.loads(await reader.readexactly(length))))
+        return out
+
+    try:
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            task_id = (await http.post("/api/tasks", json={"task_type": "pipelined"})).json()["data"]["task_id"]
+        reader, writer = await _open(port)
+        writer.write(b"".join(b"".join(patch(task_id, p)) for p in (10, 20, 30)))  # three in one segment
+        await writer.drain()
+        answers = await responses(reader, 3)
+        assert [status for status, _ in answers] == [200, 200, 200]
+        assert [a["data"]["progress"] for _, a in answers] == [10, 20, 30]
+        assert [a["data"]["version"] for _, a in answers] == [2, 3, 4]
+
+        head, body = patch(task_id, 40, b"Expect: 100-continue\r\n")
+        writer.write(head)
+        await writer.drain()
+        with anyio.fail_after(10):  # the interim answer comes before the body is sent
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        await writer.drain()
+        [(status, answer)] = await responses(reader, 1)
+        assert (status, answer["data"]["progress"], answer["data"]["version"]) == (200, 40, 5)
+        writer.close()
+    finally:
+        server.request_stop()
+        await anyio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()
+
+
 # ------------------------------------------------------------------ row 4: expanding PDFs
 
 

@@ -98,7 +98,7 @@ async def test_create_task_bad_values_raise_value_error_and_create_nothing(manag
     with pytest.raises(ValueError):
         manager.create_task(task_type, metadata)
     assert manager.list_tasks() == []
-    assert manager.bus.published == 0
+    assert manager.bus.changes_seen == 0
 
 
 # -- versions and lifecycle ----------------------------------------------------------------------
@@ -206,11 +206,11 @@ async def test_terminal_task_refuses_every_change(manager, finish, attempt):
     else:
         manager.fail_task(task.task_id, "bad")
     before = stored(manager, task.task_id)
-    published = manager.bus.published
+    published = manager.bus.changes_seen
     with pytest.raises(TaskStateError):
         attempt(manager, task.task_id)
     assert stored(manager, task.task_id) == before
-    assert manager.bus.published == published  # nothing announced either
+    assert manager.bus.changes_seen == published  # nothing announced either
 
 
 @pytest.mark.parametrize(
@@ -237,13 +237,13 @@ async def test_bad_values_raise_value_error_and_change_nothing(manager, changes)
     task = manager.create_task("t")
     manager.update_task(task.task_id, status="processing", progress=10)
     before = stored(manager, task.task_id)
-    published = manager.bus.published
+    published = manager.bus.changes_seen
     with pytest.raises(ValueError):
         manager.update_task(task.task_id, **changes)
     with pytest.raises(ValueError):
         manager.patch_task(task.task_id, changes)
     assert stored(manager, task.task_id) == before
-    assert manager.bus.published == published
+    assert manager.bus.changes_seen == published
 
 
 async def test_a_bad_value_next_to_good_ones_changes_nothing(manager):
@@ -492,6 +492,34 @@ async def test_subscribe_to_a_terminal_task_yields_just_the_snapshot(manager):
 # -- threads -------------------------------------------------------------------------------------
 
 
+async def test_streams_opened_while_a_thread_reports_see_every_change_to_the_end(manager):
+    """A change nobody is subscribed to builds no event (``bus.unheard``); a stream that opens at the
+    same moment must still end at the task's terminal version: it registers before it reads."""
+    for round_ in range(30):
+        task = manager.create_task("t")
+        go = threading.Barrier(2)
+
+        def job(task_id: str = task.task_id) -> None:
+            go.wait()
+            for i in range(40):
+                manager.update_task(task_id, status="processing", progress=i)
+            manager.complete_task(task_id, {"round": round_})
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        go.wait()
+        with anyio.fail_after(10):
+            async with manager.subscribe(task.task_id) as sub:
+                versions = [t.version async for t in sub]
+        await anyio.to_thread.run_sync(thread.join, 10)
+        final = manager.get_task(task.task_id)
+        assert final.status is TaskStatus.COMPLETED
+        assert versions[-1] == final.version == 42
+        assert all(a < b for a, b in zip(versions, versions[1:]))
+    assert manager.bus.unheard > 0  # some of those changes happened with nobody subscribed
+    assert manager.bus.open_streams == 0
+
+
 async def test_eight_threads_by_a_thousand_updates_lose_and_double_nothing(manager):
     task = manager.create_task("t")
     manager.update_task(task.task_id, status="processing")
@@ -532,7 +560,7 @@ async def test_eight_threads_by_a_thousand_updates_lose_and_double_nothing(manag
     assert max(versions) == accepted[0][-1] == final.version  # the completion was the last change
     # the events reached the bus in version order (drained on this loop)
     with anyio.fail_after(5):
-        while manager.bus.published < final.version:
+        while manager.bus.changes_seen < final.version:
             await anyio.sleep(0.01)
     history = manager.store.events(task.task_id, final.version - 10, 100)
     assert [v for v, _ in history] == list(range(final.version - 9, final.version + 1))

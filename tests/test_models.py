@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import MIROFISH_KEYS, TASK_KEYS
 from server.models import TRANSITIONS, Task, TaskStatus, is_task_id
+from server.wire import encode_json
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\+00:00$")
 
@@ -146,3 +149,50 @@ def test_is_task_id_accepts_canonical_uuids(value):
 def test_is_task_id_refuses_everything_else(value):
     assert not is_task_id(value)
 
+
+
+# -- the snapshot's wire JSON, built from its parts -------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+_objects = st.dictionaries(st.text(max_size=8), _json_values, max_size=5)
+_moments = st.datetimes(
+    min_value=datetime(1970, 1, 2), max_value=datetime(2300, 1, 1),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]),
+)
+_floats = st.none() | st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    task_id=st.text(), task_type=st.text(), status=st.sampled_from(list(TaskStatus)), created=_moments,
+    updated=_moments, progress=st.integers(0, 100), message=st.text(), detail=_objects,
+    result=st.none() | _objects, error=st.none() | st.text(), metadata=_objects, version=st.integers(1, 2**40),
+    started=st.none() | _moments, finished=st.none() | _moments, rate=_floats, eta=_floats,
+    cancel=st.booleans(), lease=_floats, stale=st.booleans(),
+)
+def test_to_json_is_exactly_the_encoded_wire_dict(
+    task_id, task_type, status, created, updated, progress, message, detail, result, error, metadata, version,
+    started, finished, rate, eta, cancel, lease, stale,
+) -> None:
+    task = Task(
+        task_id=task_id, task_type=task_type, status=status, created_at=created, updated_at=updated,
+        progress=progress, message=message, progress_detail=detail, result=result, error=error, metadata=metadata,
+        version=version, started_at=started, finished_at=finished, rate=rate, eta_s=eta, cancel_requested=cancel,
+        lease_s=lease,
+    )
+    body = task.to_json(stale=stale)
+    assert body == encode_json(task.to_dict(stale=stale))
+    assert json.loads(body) == json.loads(json.dumps(task.to_dict(stale=stale)))
+
+
+def test_to_json_refuses_what_the_encoder_refuses() -> None:
+    now = datetime.now(UTC)
+    for bad in ({"x": float("nan")}, {"x": object()}):
+        task = Task(task_id="t", task_type="x", status=TaskStatus.PENDING, created_at=now, updated_at=now,
+                    progress_detail=bad)
+        with pytest.raises((ValueError, TypeError)):
+            task.to_json()
