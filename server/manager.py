@@ -254,6 +254,9 @@ class TaskManager:
         # process's own commits (at once) or by the reader (every process's); see ``_publish_shared``
         self._published: dict[str, int] = {}
         self._ahead: dict[str, int] = {}  # tasks published by an own commit that the reader has not echoed yet
+        # a task's chain that returned while the next one was already queued waits for it, and so do the
+        # reader's events of that task meanwhile: both chains reach the bus in one burst (one write per stream)
+        self._held: dict[str, list[tuple[Any, ...]]] = {}
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -581,9 +584,18 @@ class TaskManager:
         else:
             del self._pending[task_id]
             self._chain_base.pop(task_id, None)
+            self._release(task_id)  # nothing queued any more: a held chain goes out now
 
     async def _commit_chain(self, task_id: str, batch: list[list[Any]]) -> None:
         """Plan ``batch`` in order from the stored snapshot; commit the ones that apply in one step."""
+        held_before = task_id in self._held
+        try:
+            await self._commit_chain_once(task_id, batch)
+        finally:
+            if held_before and task_id in self._held:
+                self._release(task_id)  # this chain published nothing: the held one goes out alone
+
+    async def _commit_chain_once(self, task_id: str, batch: list[list[Any]]) -> None:
         try:
             for attempt in range(_RETRIES):
                 live = [i for i in batch if not i[1].done()]  # a caller may have gone (cancelled)
@@ -719,9 +731,31 @@ class TaskManager:
     # _PUBLISHED_MAX tasks, the oldest entries the reader has caught up with go (a forgotten task's
     # next own commit is left to the reader). Entries ahead of the reader are never dropped: they are
     # what tells the reader to skip its echo.
+    # Under load, a chain that returns while changes already wait for the next one is held until that
+    # one returns (at most one chain is held; its callers have their answers already), and the reader's
+    # events of the task are held behind it, so that both chains reach the bus together; ``_release``
+    # replays everything held in order through the same rule.
     def _publish_shared(self, task_id: str, expected: int | None, chain: list[tuple[Task, str]]) -> None:
         if self._bus is None:
             return
+        held = self._held.get(task_id)
+        if held is None:
+            if self._pending.get(task_id):
+                self._held[task_id] = [("own", expected, chain)]
+                return
+        else:
+            self._release(task_id)
+        self._publish_own(task_id, expected, chain)
+
+    def _release(self, task_id: str) -> None:
+        for item in self._held.pop(task_id, ()):
+            if item[0] == "own":
+                self._publish_own(task_id, item[1], item[2])
+            else:
+                self._feed_now(item[1], item[2], item[3])
+
+    def _publish_own(self, task_id: str, expected: int | None, chain: list[tuple[Task, str]]) -> None:
+        assert self._bus is not None
         published = self._published
         last = published.get(task_id)
         if expected is None:
@@ -748,6 +782,14 @@ class TaskManager:
         """The shared store's reader: every process's changes, in the store's order (loop thread)."""
         if self._bus is None:
             return
+        held = self._held.get(task.task_id)
+        if held is not None:
+            held.append(("feed", kind, task, body))
+            return
+        self._feed_now(kind, task, body)
+
+    def _feed_now(self, kind: str, task: Task, body: str | None) -> None:
+        assert self._bus is not None
         task_id = task.task_id
         if kind == "task" and body is not None:
             version = task.version

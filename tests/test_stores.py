@@ -645,7 +645,7 @@ async def test_redis_own_commits_and_the_reader_put_every_version_on_each_bus_on
             return all(any(e == (t, v) for e in log) for t, v in final.items())
 
         with anyio.fail_after(10):
-            while not all(complete(log) for log in logs) or any(m._ahead or m._published for m in managers):
+            while not all(complete(log) for log in logs) or any(m._ahead or m._published or m._held for m in managers):
                 await anyio.sleep(0.01)
         for log in logs:
             for task_id, last in final.items():
