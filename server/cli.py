@@ -48,29 +48,34 @@ class Server(uvicorn.Server):
 
 
 def uvicorn_config(app: TaskmonApp, settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="auto",  # uvloop when installed
+    return uvicorn.Config(app, **_uvicorn_options(settings))
+
+
+def _uvicorn_options(settings: Settings, http: Any = None) -> dict[str, Any]:
+    """uvicorn's options for ``taskmon serve``, one process or ``--workers`` (``http``: the
+    protocol by import string, for worker processes that build it themselves)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "auto",  # uvloop when installed
         # httptools when installed (else h11), plus header size/time limits and a connection cap
         # that uvicorn lacks (server/connections.py); README, "Limits and browser protection".
-        http=limited_protocol(settings),
+        "http": http or limited_protocol(settings),
         # h11's own header bound, a read chunk above ours so that ours answers first (431)
-        h11_max_incomplete_event_size=settings.max_header_bytes + 256 * 1024,
-        timeout_keep_alive=max(1, round(settings.keepalive_s)),  # idle after a response
+        "h11_max_incomplete_event_size": settings.max_header_bytes + 256 * 1024,
+        "timeout_keep_alive": max(1, round(settings.keepalive_s)),  # idle after a response
         # uvicorn answers 503 to requests beyond this many connections or running requests; ours
         # (connections.py) refuses earlier, at accept; this is the backstop for running tasks.
-        limit_concurrency=settings.max_connections + 64,
-        lifespan="on",
-        log_config=None,  # configure_logging() did it once
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=3,  # only a reader that stopped reading can hold a stream this long
-        server_header=False,
+        "limit_concurrency": settings.max_connections + 64,
+        "lifespan": "on",
+        "log_config": None,  # configure_logging() did it once
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": 3,  # only a reader that stopped reading can hold a stream this long
+        "server_header": False,
         # taskmon uses no client addresses; leaving uvicorn's proxy-headers wrapper out saves a
         # coroutine frame on every open stream (behind a proxy, access logs show the proxy).
-        proxy_headers=False,
-    )
+        "proxy_headers": False,
+    }
 
 
 def _raise_open_file_limit(wanted: int = 65_536) -> int:
@@ -183,22 +188,33 @@ def _serve_workers(settings: Settings, workers: int) -> int:
         file=sys.stderr,
     )
     try:
+        # each worker imports the app factory and taskmon's connection protocol by name (the
+        # supervisor's config is pickled into spawned processes; a protocol class built here is not)
         uvicorn.run(
             "server.cli:worker_app",
             factory=True,
             workers=workers,
-            host=settings.host,
-            port=settings.port,
-            lifespan="on",
-            log_config=None,
-            access_log=settings.access_log,
-            timeout_graceful_shutdown=3,
-            server_header=False,
-            proxy_headers=False,
+            **_uvicorn_options(settings, http="server.cli:worker_protocol"),
         )
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+_worker_protocol: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``server.cli:worker_protocol``: the connection protocol of a ``--workers`` process (header
+    limit and deadline, connection cap), built once in that process from its TASKMON_* settings
+    after the open-file limit is raised (the connection cap depends on it)."""
+    global _worker_protocol
+    if name != "worker_protocol":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _worker_protocol is None:
+        _raise_open_file_limit()
+        _worker_protocol = limited_protocol(Settings.from_env())
+    return _worker_protocol
 
 
 def _bar(task: dict[str, Any]) -> str:

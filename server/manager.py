@@ -76,6 +76,7 @@ _UPDATABLE_SET = frozenset(_UPDATABLE)
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
 _LEAD = object()  # handed to the change that commits the next chain (shared store)
 _SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread path
+_PUBLISHED_MAX = 10_000  # shared store: tasks whose last published version is remembered (see _publish_shared)
 
 
 class FieldTooLarge(ValueError):
@@ -208,6 +209,20 @@ def _replace(task: Task, fields: dict[str, Any], **more: Any) -> Task:
     return new
 
 
+def _after_next_poll() -> asyncio.Future[None]:
+    """A future done after the loop's next poll for I/O (as the bus schedules its flush): what
+    arrived meanwhile, e.g. other PATCHes of the same task, has run up to its first wait."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def done() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    loop.call_soon(loop.call_soon, done)
+    return future
+
+
 def _ts(moment: datetime) -> float:
     return round(moment.timestamp(), 6)
 
@@ -235,6 +250,13 @@ class TaskManager:
         self._pending: dict[str, list[list[Any]]] = {}  # shared store: task id -> changes waiting for the next chain
         self._chain_base: dict[str, Task] = {}  # shared store: the last chain's snapshot, while more wait
         self._sync_base: dict[str, Task] = {}  # shared store: the thread path's last commits (under _lock)
+        # shared store, loop thread only: the last version of each task handed to the local bus, by this
+        # process's own commits (at once) or by the reader (every process's); see ``_publish_shared``
+        self._published: dict[str, int] = {}
+        self._ahead: dict[str, int] = {}  # tasks published by an own commit that the reader has not echoed yet
+        # a task's chain that returned while the next one was already queued waits for it, and so do the
+        # reader's events of that task meanwhile: both chains reach the bus in one burst (one write per stream)
+        self._held: dict[str, list[tuple[Any, ...]]] = {}
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -255,10 +277,21 @@ class TaskManager:
 
     @classmethod
     def open(cls, url: str, **options: Any) -> TaskManager:
-        """A producer-only manager on a store URL (e.g. a job on another host reporting through Redis)."""
+        """A producer-only manager on a store URL (e.g. a job on another host reporting through Redis).
+
+        On a shared store it keeps this process's job-pool heartbeat (until ``close()``), so tasks it
+        creates with ``owned=True`` are failed as interrupted only once this process is gone."""
         from .stores import open_store
 
-        return cls(open_store(url), None, **options)
+        manager = cls(open_store(url), None, **options)
+        keep_alive = getattr(manager._store, "keep_owner_alive", None)
+        if keep_alive is not None:  # shared store: this process's job pool (``owned`` tasks) heartbeats
+            try:
+                keep_alive(manager.owner)
+            except BaseException:
+                manager.close()
+                raise
+        return manager
 
     def close(self) -> None:
         self._store.close()
@@ -271,7 +304,14 @@ class TaskManager:
         return await self._store.aget(task_id)
 
     async def aexists(self, task_id: str) -> bool:
-        """Whether the task exists; a live task held in memory (memory, sqlite) answers without I/O."""
+        """Whether the task exists (the PATCH route's 404 check). A live task held in memory (memory,
+        sqlite) answers without I/O; so does, on the shared store, a task this process is changing (a
+        chain in flight) or has seen live: were it removed meanwhile (only finished tasks are), the
+        change itself finds it gone and raises TaskNotFoundError all the same."""
+        if self._shared:
+            if task_id in self._pending or task_id in self._published:
+                return True
+            return await self._store.aget(task_id) is not None
         cached = getattr(self._store, "cached", None)
         if cached is not None and cached(task_id):
             return True
@@ -482,6 +522,7 @@ class TaskManager:
         body = encode_task(task)
         if self._shared:
             await self._store.acommit(task, None, body)
+            self._publish_shared(task.task_id, None, [(task, body)])
             return task, body
         with self._lock:
             ack = self._store.commit(task, None, body)
@@ -517,6 +558,12 @@ class TaskManager:
                 return outcome  # type: ignore[no-any-return]
         else:
             self._pending[task_id] = [item]
+            try:  # until after the next poll: the changes that arrive with this one join its chain
+                await _after_next_poll()
+            except asyncio.CancelledError:
+                item[1].cancel()
+                self._hand_over(task_id)
+                raise
         # this caller leads: commit chains until its own change is settled, then hand over
         try:
             while not item[1].done():
@@ -537,9 +584,18 @@ class TaskManager:
         else:
             del self._pending[task_id]
             self._chain_base.pop(task_id, None)
+            self._release(task_id)  # nothing queued any more: a held chain goes out now
 
     async def _commit_chain(self, task_id: str, batch: list[list[Any]]) -> None:
         """Plan ``batch`` in order from the stored snapshot; commit the ones that apply in one step."""
+        held_before = task_id in self._held
+        try:
+            await self._commit_chain_once(task_id, batch)
+        finally:
+            if held_before and task_id in self._held:
+                self._release(task_id)  # this chain published nothing: the held one goes out alone
+
+    async def _commit_chain_once(self, task_id: str, batch: list[list[Any]]) -> None:
         try:
             for attempt in range(_RETRIES):
                 live = [i for i in batch if not i[1].done()]  # a caller may have gone (cancelled)
@@ -567,6 +623,8 @@ class TaskManager:
                         continue  # another process moved the task: plan the whole batch again
                 if base is not None:
                     self._chain_base[task_id] = base
+                if planned:
+                    self._publish_shared(task_id, current.version, [(task, body) for _i, task, body in planned])  # type: ignore[union-attr]
                 for item, task, body in planned:
                     if not item[1].done():
                         item[1].set_result((task, body))
@@ -662,13 +720,94 @@ class TaskManager:
         else:
             bus.unheard += 1
 
+    # The shared store: the reader hands every process's changes to the local bus, in the store's
+    # order. This process's own commits are published at once when they return (no wait for the
+    # reader's echo, and a chain reaches the bus as one burst), on one rule that keeps each task's
+    # versions on the bus strictly consecutive, with no gap and no duplicate:
+    # * an own commit of versions e+1..e+k is published iff the last version published is e (else the
+    #   reader, which sees every version in order, publishes them);
+    # * the reader publishes a version only above the last one published, and skips the rest.
+    # The map forgets a task once its terminal version or its removal went through the reader; past
+    # _PUBLISHED_MAX tasks, the oldest entries the reader has caught up with go (a forgotten task's
+    # next own commit is left to the reader). Entries ahead of the reader are never dropped: they are
+    # what tells the reader to skip its echo.
+    # Under load, a chain that returns while changes already wait for the next one is held until that
+    # one returns (at most one chain is held; its callers have their answers already), and the reader's
+    # events of the task are held behind it, so that both chains reach the bus together; ``_release``
+    # replays everything held in order through the same rule.
+    def _publish_shared(self, task_id: str, expected: int | None, chain: list[tuple[Task, str]]) -> None:
+        if self._bus is None:
+            return
+        held = self._held.get(task_id)
+        if held is None:
+            if self._pending.get(task_id):
+                self._held[task_id] = [("own", expected, chain)]
+                return
+        else:
+            self._release(task_id)
+        self._publish_own(task_id, expected, chain)
+
+    def _release(self, task_id: str) -> None:
+        for item in self._held.pop(task_id, ()):
+            if item[0] == "own":
+                self._publish_own(task_id, item[1], item[2])
+            else:
+                self._feed_now(item[1], item[2], item[3])
+
+    def _publish_own(self, task_id: str, expected: int | None, chain: list[tuple[Task, str]]) -> None:
+        assert self._bus is not None
+        published = self._published
+        last = published.get(task_id)
+        if expected is None:
+            if last is not None:
+                return  # the reader was quicker (it has seen a created task)
+        elif last != expected:
+            return
+        for task, body in chain:
+            self._bus.publish(Event.from_body(task, body))
+        version = chain[-1][0].version
+        published.pop(task_id, None)  # re-inserted: the dict's order is least recently published first
+        published[task_id] = self._ahead[task_id] = version
+        if len(published) > _PUBLISHED_MAX:
+            self._forget_published()
+
+    def _forget_published(self) -> None:
+        """Drop the oldest entries the reader has caught up with, down to 3/4 of the bound."""
+        excess = len(self._published) - _PUBLISHED_MAX * 3 // 4
+        old = [k for k in self._published if k not in self._ahead][:excess]
+        for task_id in old:
+            del self._published[task_id]
+
     def on_feed(self, kind: str, task: Task, body: str | None) -> None:
         """The shared store's reader: every process's changes, in the store's order (loop thread)."""
         if self._bus is None:
             return
+        held = self._held.get(task.task_id)
+        if held is not None:
+            held.append(("feed", kind, task, body))
+            return
+        self._feed_now(kind, task, body)
+
+    def _feed_now(self, kind: str, task: Task, body: str | None) -> None:
+        assert self._bus is not None
+        task_id = task.task_id
         if kind == "task" and body is not None:
-            self._bus.publish(Event.from_body(task, body))
+            version = task.version
+            ahead = self._ahead.get(task_id)
+            if ahead is not None and version >= ahead:
+                del self._ahead[task_id]  # the reader has caught up with our own commits
+            last = self._published.get(task_id)
+            if last is None or version > last:
+                self._bus.publish(Event.from_body(task, body))
+                self._published.pop(task_id, None)
+                self._published[task_id] = version
+                if len(self._published) > _PUBLISHED_MAX:
+                    self._forget_published()
+            if task.is_terminal and task_id not in self._ahead:
+                self._published.pop(task_id, None)  # no later version can come
         elif kind == "removed":
+            self._ahead.pop(task_id, None)
+            self._published.pop(task_id, None)
             self._bus.publish(Event.removed(task))
 
     def recover_stale(self, event: Event) -> None:

@@ -69,7 +69,7 @@ class Settings:
     heartbeat_s: float = 15.0
     retry_ms: int = 3000
     history: int = 256
-    history_kb: int = 8192  # memory:// keeps at most this much event log per task
+    history_kb: int = 8192  # memory:// and redis:// keep at most this much event log per task
     history_max_mb: int = 1024  # ... and at most this much across all tasks
     stale_after_s: float = 300.0
     lease_s: float | None = None  # the default lease of a new task (None: no lease unless asked)

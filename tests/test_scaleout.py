@@ -276,17 +276,19 @@ def test_serve_workers_refused_on_embedded_stores(tmp_path):
 
 
 async def test_serve_workers_on_redis_shares_one_port(shared_url, tmp_path):
-    """Two worker processes behind one port: tasks made through either are seen by both."""
+    """Two worker processes behind one port: tasks made through either are seen by both; each worker
+    speaks taskmon's connection protocol (431 JSON for an oversize header) and the whole group stops
+    as promptly as one process does, open streams included."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMON_")}
-    env["TASKMON_DATA_DIR"] = str(tmp_path / "data")
+    env.update({"TASKMON_DATA_DIR": str(tmp_path / "data"), "TASKMON_MAX_HEADER_BYTES": "4096"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", str(port), "--store", shared_url],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as http:
             with anyio.fail_after(30):
                 while True:
                     try:
@@ -300,9 +302,55 @@ async def test_serve_workers_on_redis_shares_one_port(shared_url, tmp_path):
             for task_id in made:  # new connections: spread over the workers
                 async with httpx.AsyncClient(timeout=5) as fresh:
                     assert (await fresh.get(f"{base}/api/graph/task/{task_id}")).status_code == 200
+            for _ in range(4):  # new connections: whichever worker takes one refuses the header
+                answer = await _raw(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8192)
+                assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+                assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["success"] is False
+
+            ended: list[str] = []
+            opened = [anyio.Event() for _ in made]
+            async with anyio.create_task_group() as tg:
+                for task_id, event in zip(made, opened):
+                    tg.start_soon(_follow_to_close, http, f"{base}/tasks/{task_id}/stream", event, ended)
+                for event in opened:
+                    await event.wait()
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(10):
+                    await anyio.to_thread.run_sync(proc.wait)
+                elapsed = time.monotonic() - started
+            assert len(ended) == len(made)  # every stream was ended by its worker, none cut
+            assert elapsed < 2.5, f"--workers exit took {elapsed:.2f} s"
+            assert "Traceback" not in proc.stderr.read().decode()
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+        proc.stderr.close()
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    """One request on a fresh connection; everything the server sends until it closes."""
+    out = b""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    out += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    return out
+
+
+async def _follow_to_close(http: httpx.AsyncClient, url: str, opened: anyio.Event, ended: list[str]) -> None:
+    """Read a task's stream until the server ends it; record how it ended."""
+    async with aconnect_sse(http, "GET", url) as source:
+        assert source.response.status_code == 200
+        opened.set()
+        async for _event in source.aiter_sse():
+            pass
+    ended.append(url)
 
 
 def _children(pid: int) -> list[int]:
@@ -353,3 +401,66 @@ async def test_concurrent_patches_through_two_processes_lose_nothing(shared_url,
             await until(lambda: events and events[-1][0] == "end", what="B's stream to end")
     seen = versions(events)
     assert all(x < y for x, y in zip(seen, seen[1:])) and seen[-1] == before + 201
+
+
+_POOL = """
+import sys
+from server.stores import redis as store_module
+store_module.OWNER_TTL_MS, store_module.OWNER_RENEW_S = 1000, 0.1  # a quick heartbeat for the test
+from server.manager import TaskManager
+manager = TaskManager.open(sys.argv[1])
+task = manager.update_task(manager.create_task("pool job", owned=True).task_id, status="processing")
+print(task.task_id, flush=True)
+sys.stdin.readline()  # "finish"
+manager.complete_task(task.task_id, {"by": "pool"})
+print("done", flush=True)
+sys.stdin.readline()
+manager.close()
+"""
+
+
+async def test_a_producer_only_process_job_pool_heartbeats_so_a_server_starting_leaves_its_tasks(shared_url, tmp_path):
+    """``TaskManager.open(redis://)`` in a process of its own runs a job-pool task (owned) past its
+    heartbeat's TTL: a server starting then (which fails tasks of dead pools) leaves it running, and
+    the job finishes it. Once that process closed its manager, its heartbeat key is gone."""
+    import redis as redis_py
+
+    from server.stores.redis import OWNER_PREFIX
+
+    pool = subprocess.Popen(
+        [sys.executable, "-c", _POOL, shared_url], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with anyio.fail_after(20):
+            task_id = (await anyio.to_thread.run_sync(pool.stdout.readline)).strip()
+        assert task_id, "the pool process did not start its job"
+        client = redis_py.Redis.from_url(shared_url, decode_responses=True)
+        owner = json.loads(client.hget(f"taskmon:{{t:{task_id}}}:task", "internal"))["owner"]
+        key = OWNER_PREFIX + owner
+        started = time.monotonic()
+        with anyio.fail_after(10):  # three TTLs: only renewals keep the key
+            while time.monotonic() - started < 3.0:
+                assert client.exists(key), "the job pool's heartbeat lapsed"
+                await anyio.sleep(0.05)
+        async with servers(shared_url, tmp_path, n=1) as (a,), httpx.AsyncClient(timeout=5) as http:
+            task = (await http.get(f"{a.url}/api/graph/task/{task_id}")).json()["data"]
+            assert task["status"] == "processing", task  # not "interrupted" by the server's start
+            pool.stdin.write("finish\n")
+            pool.stdin.flush()
+            with anyio.fail_after(10):
+                assert (await anyio.to_thread.run_sync(pool.stdout.readline)).strip() == "done"
+            task = (await http.get(f"{a.url}/api/graph/task/{task_id}")).json()["data"]
+            assert task["status"] == "completed" and task["result"] == {"by": "pool"}
+        pool.stdin.write("close\n")
+        pool.stdin.flush()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(pool.wait)
+        assert pool.returncode == 0
+        assert not client.exists(key)  # a clean close drops the heartbeat
+        client.close()
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+            pool.wait()
+        pool.stdin.close()
+        pool.stdout.close()

@@ -209,7 +209,7 @@ def open_store(
             from .redis import RedisStore  # type: ignore[import-not-found]
         except ImportError:
             raise ValueError("the redis:// store is not available in this build") from None
-        return RedisStore(url, history=history)  # type: ignore[no-any-return]
+        return RedisStore(url, history=history, history_bytes=history_bytes)  # type: ignore[no-any-return]
     raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")
 
 

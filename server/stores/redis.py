@@ -4,10 +4,12 @@ Layout (every key prefix is defined once, below). Per task, hash-tagged ``{t:<id
 keys always live in one Cluster slot:
 
 * ``taskmon:{t:<id>}:task`` -- a hash: ``body`` (the wire JSON the manager encoded), ``internal``
-  (owner / samples / cancel_at), ``v``, ``status``, ``type``, ``created``, ``updated`` (epoch µs).
+  (owner / samples / cancel_at), ``v``, ``status``, ``type``, ``created``, ``updated`` (epoch µs),
+  ``lb`` (the log's bytes).
 * ``taskmon:{t:<id>}:log`` -- a Redis Stream of the task's snapshots whose entry ids are
   ``<version>-0`` (as Centrifugo's history streams use the publication offset as the id), trimmed
-  exactly to ``history`` entries: "events after V" is ``XRANGE log (V-0 +``.
+  exactly to ``history`` entries and ``history_bytes`` of bodies (the newest entry always stays; the
+  hash's ``lb`` keeps the running byte total): "events after V" is ``XRANGE log (V-0 +``.
 
 Shared (not per task):
 
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -104,8 +107,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # KEYS: task, log, events, by_created, by_updated, finished, status x4 (pending, processing,
 #       completed, failed), type
 # ARGV: expected version ('' = must not exist), n, history, events maxlen, task id, type,
-#       created_us, internal (of the last), then n x (version, body, status, updated_us)
+#       created_us, internal (of the last), history bytes, then n x (version, body, status, updated_us)
 # Returns {1, last events-stream id} or {0, stored version or ''} (the conflict marker).
+# The log is bounded by count (history) and by bytes (history bytes: the task hash's ``lb`` keeps the
+# bodies' running total): the oldest entries go while either is exceeded; the newest always stays.
 _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
@@ -114,23 +119,49 @@ elseif cur ~= ARGV[1] then
   return {0, cur or ''}
 end
 local old = nil
+local total = 0
 if cur then
-  old = redis.call('HGET', KEYS[1], 'status')
+  local h = redis.call('HMGET', KEYS[1], 'status', 'lb')
+  old = h[1]
+  if h[2] then
+    total = tonumber(h[2])
+  else  -- a log written before the byte bound: count it once
+    for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do total = total + #e[2][2] end
+  end
 else
   redis.call('DEL', KEYS[2])
 end
 local n = tonumber(ARGV[2])
 local id
 for i = 0, n - 1 do
-  local b = 9 + i * 4
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[b] .. '-0', 'body', ARGV[b + 1])
+  local b = 10 + i * 4
+  redis.call('XADD', KEYS[2], ARGV[b] .. '-0', 'body', ARGV[b + 1])
+  total = total + #ARGV[b + 1]
   id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'k', 'task', 'id', ARGV[5],
     'v', ARGV[b], 'body', ARGV[b + 1])
 end
-local last = 9 + (n - 1) * 4
+local len = redis.call('XLEN', KEYS[2])
+local maxn, maxb = tonumber(ARGV[3]), tonumber(ARGV[9])
+while len > 1 and (len > maxn or total > maxb) do
+  local want = math.max(len - maxn, 1)
+  if total > maxb then want = want + 15 end  -- how many the bytes need is not known: read a few
+  local rows = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.min(len, want))
+  local keep = nil
+  for _, e in ipairs(rows) do
+    if len <= 1 or (len <= maxn and total <= maxb) then keep = e[1] break end
+    total = total - #e[2][2]
+    len = len - 1
+  end
+  if keep then
+    redis.call('XTRIM', KEYS[2], 'MINID', keep)
+  else
+    redis.call('XTRIM', KEYS[2], 'MAXLEN', len)
+  end
+end
+local last = 10 + (n - 1) * 4
 local status = ARGV[last + 2]
 redis.call('HSET', KEYS[1], 'body', ARGV[last + 1], 'internal', ARGV[8], 'v', ARGV[last], 'status', status,
-  'type', ARGV[6], 'created', ARGV[7], 'updated', ARGV[last + 3])
+  'type', ARGV[6], 'created', ARGV[7], 'updated', ARGV[last + 3], 'lb', total)
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[5])
 redis.call('ZADD', KEYS[5], ARGV[last + 3], ARGV[5])
 local slot = {pending = 7, processing = 8, completed = 9, failed = 10}
@@ -217,7 +248,7 @@ def _keys(task: Task | str, task_type: str) -> list[str]:
     ]
 
 
-def _commit_args(chain: list[tuple[Task, str]], expected: int | None, history: int) -> list[Any]:
+def _commit_args(chain: list[tuple[Task, str]], expected: int | None, history: int, history_bytes: int) -> list[Any]:
     first, last = chain[0][0], chain[-1][0]
     args: list[Any] = [
         "" if expected is None else str(expected),
@@ -228,6 +259,7 @@ def _commit_args(chain: list[tuple[Task, str]], expected: int | None, history: i
         first.task_type,
         _us(first.created_at),
         _internal(last),
+        history_bytes,
     ]
     for task, body in chain:
         args += [str(task.version), body, task.status.value, _us(task.updated_at)]
@@ -240,13 +272,16 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
 
 
 class RedisStore:
-    """``RedisStore("redis://host:6379/0", history=256)``; ``shared = True`` (see the module doc)."""
+    """``RedisStore("redis://host:6379/0", history=256, history_bytes=8 MiB)``; ``shared = True`` (see the module doc)."""
 
     shared = True
 
-    def __init__(self, url: str, history: int = 256, *, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str, history: int = 256, history_bytes: int = 8 * 1024 * 1024, *, timeout_s: float = TIMEOUT_S
+    ) -> None:
         self.url = url
         self._history = history
+        self._history_bytes = history_bytes  # per task, the log's bodies (UTF-8 bytes); the newest stays
         self._timeout = timeout_s
         # job threads and other processes' producers: a plain client with its own (thread-safe) pool
         self._sync = redis.Redis.from_url(url, decode_responses=True, **self._options())
@@ -257,6 +292,8 @@ class RedisStore:
         self._reader_client: aredis.Redis | None = None
         self._feed: FeedCallback | None = None
         self._owner: str | None = None
+        self._heartbeat: threading.Thread | None = None  # keep_owner_alive (no loop of ours)
+        self._heartbeat_stop = threading.Event()
         self._token = os.urandom(8).hex()  # this process's identity for sweep leases
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_id: str | None = None
@@ -289,7 +326,7 @@ class RedisStore:
 
     def commit(self, task: Task, expected: int | None, body: str) -> Ack:
         with _guard():
-            ok, _ = self._commit_sync(keys=_keys(task, task.task_type), args=_commit_args([(task, body)], expected, self._history))
+            ok, _ = self._commit_sync(keys=_keys(task, task.task_type), args=_commit_args([(task, body)], expected, self._history, self._history_bytes))
         if not ok:
             raise Conflict(task.task_id)
         return DONE
@@ -458,6 +495,28 @@ class RedisStore:
         """This process's job pool id: ``start()`` sets its heartbeat key and keeps renewing it."""
         self._owner = owner
 
+    def keep_owner_alive(self, owner: str) -> None:
+        """A process with no event loop of ours (``TaskManager.open``): set the job pool's heartbeat
+        now and renew it from a daemon thread until ``close()``, as a serving process does from its
+        loop, so a process starting elsewhere does not fail this pool's tasks as interrupted."""
+        self._owner = owner
+        with _guard():
+            self._sync.set(OWNER_PREFIX + owner, "1", px=OWNER_TTL_MS)
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew_owner_sync, name="taskmon-redis-owner", daemon=True)
+        self._heartbeat.start()
+
+    def _renew_owner_sync(self) -> None:
+        assert self._owner is not None
+        key = OWNER_PREFIX + self._owner
+        while not self._heartbeat_stop.wait(OWNER_RENEW_S):
+            try:
+                self._sync.set(key, "1", px=OWNER_TTL_MS)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                logger.warning("could not renew the job pool's heartbeat in redis")
+            except RedisError:
+                logger.exception("renewing the job pool's heartbeat failed")
+
     def owner_alive(self, owner: str) -> bool:
         with _guard():
             return bool(self._sync.exists(OWNER_PREFIX + owner))
@@ -468,6 +527,14 @@ class RedisStore:
             return bool(self._lead_sync(keys=[LEAD_PREFIX + name], args=[self._token, int(ttl_s * 1000)]))
 
     def close(self) -> None:
+        if self._heartbeat is not None:  # keep_owner_alive's thread: stop it, then drop the key
+            self._heartbeat_stop.set()
+            self._heartbeat.join(self._timeout * 2 + 1)
+            self._heartbeat = None
+            try:  # a clean stop: another process may fail this pool's tasks at once
+                self._sync.delete(OWNER_PREFIX + (self._owner or ""))
+            except (RedisError, OSError):
+                logger.warning("could not drop the job pool's heartbeat key")
         self._sync.close()
 
     # -- the event loop --------------------------------------------------------------------------
@@ -489,7 +556,7 @@ class RedisStore:
         task = chain[0][0]
         with _guard():
             ok, _ = await self._commit_async(
-                keys=_keys(task, task.task_type), args=_commit_args(chain, expected, self._history)
+                keys=_keys(task, task.task_type), args=_commit_args(chain, expected, self._history, self._history_bytes)
             )
         if not ok:
             raise Conflict(task.task_id)
