@@ -181,6 +181,7 @@ def _serve_workers(settings: Settings, workers: int) -> int:
             "TASKMON_STORE": settings.store_url,
             "TASKMON_DATA_DIR": str(settings.data_dir),
             "TASKMON_LOG_LEVEL": settings.log_level,
+            "TASKMON_ACCESS_LOG": "1" if settings.access_log else "0",
         }
     )
     print(

@@ -39,6 +39,7 @@ _ENV: dict[str, tuple[str, str]] = {
     "TASKMON_CORS_ORIGINS": ("cors_origins", "list"),
     "TASKMON_MAX_UPLOAD_MB": ("max_upload_mb", "float"),
     "TASKMON_LOG_LEVEL": ("log_level", "str"),
+    "TASKMON_ACCESS_LOG": ("access_log", "bool"),
     "TASKMON_MAX_PROJECT_CHARS": ("max_project_chars", "int"),
     "TASKMON_PDF_TIME_BUDGET_S": ("pdf_time_budget_s", "float"),
     "TASKMON_ALLOWED_HOSTS": ("allowed_hosts", "list"),
@@ -53,6 +54,8 @@ _ENV: dict[str, tuple[str, str]] = {
 }
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _finite(value: float) -> bool:
@@ -188,6 +191,12 @@ def _parse(var: str, kind: str, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise SettingsError(f"{var} must be a number, got {raw!r}") from None
+    if kind == "bool":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise SettingsError(f"{var} must be 1/true/yes or 0/false/no, got {raw!r}")
     if kind == "path":
         return Path(raw)
     if kind == "list":

@@ -283,7 +283,8 @@ async def test_serve_workers_on_redis_shares_one_port(shared_url, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMON_")}
     env.update({"TASKMON_DATA_DIR": str(tmp_path / "data"), "TASKMON_MAX_HEADER_BYTES": "4096"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", str(port), "--store", shared_url],
+        [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", str(port), "--store", shared_url,
+         "--access-log"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
@@ -321,7 +322,9 @@ async def test_serve_workers_on_redis_shares_one_port(shared_url, tmp_path):
                 elapsed = time.monotonic() - started
             assert len(ended) == len(made)  # every stream was ended by its worker, none cut
             assert elapsed < 2.5, f"--workers exit took {elapsed:.2f} s"
-            assert "Traceback" not in proc.stderr.read().decode()
+            logged = proc.stderr.read().decode()
+            assert "Traceback" not in logged
+            assert f"/api/graph/task/{made[0]}" in logged  # --access-log reached the workers
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

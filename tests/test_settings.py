@@ -55,6 +55,7 @@ def test_every_variable_is_read():
         "TASKMON_CORS_ORIGINS": "https://a.example, https://b.example,,",
         "TASKMON_MAX_UPLOAD_MB": "1.5",
         "TASKMON_LOG_LEVEL": "DEBUG",
+        "TASKMON_ACCESS_LOG": "Yes",
         "ZEP_API_KEY": "zk",
         "ZEP_BASE_URL": "http://zep.local:8000",
     }
@@ -67,6 +68,7 @@ def test_every_variable_is_read():
     assert s.cors_origins == ("https://a.example", "https://b.example")
     assert s.max_upload_bytes == int(1.5 * 1024 * 1024)
     assert s.log_level == "debug"
+    assert s.access_log is True and Settings.from_env({"TASKMON_ACCESS_LOG": "0"}).access_log is False
     assert (s.zep_api_key, s.zep_base_url) == ("zk", "http://zep.local:8000")
 
 
@@ -149,6 +151,7 @@ def test_with_changes_revalidates():
         ("TASKMON_STORE", "tasks.db"),
         ("TASKMON_STORE", "sqlite://relative-without-third-slash"),
         ("TASKMON_LOG_LEVEL", "loud"),
+        ("TASKMON_ACCESS_LOG", "maybe"),
     ],
 )
 def test_bad_values_raise_settings_error_naming_the_variable(variable, value):
