@@ -188,6 +188,19 @@ _EVENTS_SQL = [""] + [
 ]
 
 
+# A row that only lags (ROW_LAG_S) is written after its group's waiters heard back, with the other
+# rows due about then: one UPDATE for up to _ROWS_CHUNK of them (one sqlite3_step), at most that
+# many after each group, so a burst of due rows never holds a group up.
+_ROWS_CHUNK = 32
+_ROWS_SQL = [""] + [
+    "WITH v (task_id, status, updated_at, version, body, internal, search) AS (VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
+    + ") UPDATE tasks SET status = v.status, updated_at = v.updated_at, version = v.version, body = v.body,"
+    " internal = v.internal, search = v.search FROM v WHERE tasks.task_id = v.task_id"
+    for n in range(1, _ROWS_CHUNK + 1)
+]
+
+
 class _Group(Ack):
     """One transaction's worth of commits: resolved once, for a thread or for the loop."""
 
@@ -463,23 +476,52 @@ class SqliteStore(LocalStore):
         return out
 
     def _due_rows(self, now: float, force: bool) -> list[tuple[Any, ...]]:
-        """The deferred rows whose lag is up. Looked at only when the first one is due; rows due
-        within ROW_LAG_S / 8 go with it, so a steady stream of changes writes rows in a few groups
-        a second, not in every group. Writer thread."""
+        """The deferred rows whose lag is up, as UPDATE parameters: at most _ROWS_CHUNK (the
+        longest due first) unless ``force``. Looked at only when the first one is due; rows due
+        within ROW_LAG_S / 8 go with it, so a steady stream of changes writes rows a few times a
+        second, not after every group. Writer thread."""
         if not self._deferred or (not force and now < self._next_due):
             return []
         soon = now + ROW_LAG_S / 8
-        due: list[tuple[Task, str]] = []
+        due: list[tuple[float, str]] = []
         next_due = float("inf")
         written = self._row_written
-        for task_id, item in self._deferred.items():
+        for task_id in self._deferred:
             at = written[task_id][0] + ROW_LAG_S
             if force or at <= soon:
-                due.append(item)
+                due.append((at, task_id))
             elif at < next_due:
                 next_due = at
+        if not force and len(due) > _ROWS_CHUNK:
+            due.sort()
+            del due[_ROWS_CHUNK:]
+            next_due = now  # the rest after the next group
         self._next_due = next_due
-        return self._rows_now(due, now, force=True)
+        out: list[tuple[Any, ...]] = []
+        for _at, task_id in due:
+            task, body = self._deferred.pop(task_id)
+            written[task_id] = (now, task.status, task.cancel_requested)
+            out.append((
+                task_id,
+                task.status.value,
+                task.updated_at.isoformat(timespec="microseconds"),
+                task.version,
+                body,
+                _internal(task),
+                search_text(task),
+            ))
+        return out
+
+    def _write_rows(self, db: sqlite3.Connection, now: float) -> None:
+        """The due deferred rows (see _due_rows), each chunk its own autocommit UPDATE: a row only
+        saves a restart the replay of its task's log (``_catch_up_rows``), it holds no change."""
+        rows = self._due_rows(now, self._closing)
+        for start in range(0, len(rows), _ROWS_CHUNK):
+            chunk = rows[start : start + _ROWS_CHUNK]
+            try:
+                db.execute(_ROWS_SQL[len(chunk)], [x for row in chunk for x in row])
+            except sqlite3.Error:
+                logger.exception("sqlite: writing lagging rows failed", extra={"rows": len(chunk)})
 
     def _events(self, puts: list[tuple[Task, str]], now: float, rows: list[tuple[Any, ...]]) -> list[Any]:
         """A run of changes as the parameters of the events INSERT (task_id, version, body per
@@ -522,7 +564,6 @@ class SqliteStore(LocalStore):
             for task, _body in puts:
                 touched[task.task_id] = task.version
             flat = self._events(puts, now, rows)
-            rows += self._due_rows(now, self._closing)
             if not rows:
                 if 0 < len(puts) <= _EVENTS_CHUNK:
                     db.execute(_EVENTS_SQL[len(puts)], flat)
@@ -550,7 +591,6 @@ class SqliteStore(LocalStore):
             self._write_remove(db, item)
         if puts:
             self._insert_events(db, self._events(puts, now, rows))
-        rows += self._due_rows(now, self._closing)
         if rows:
             db.executemany(_UPSERT, rows)
         db.execute("COMMIT")
@@ -586,32 +626,36 @@ class SqliteStore(LocalStore):
                         db.execute("ROLLBACK")
                     except sqlite3.Error:
                         logger.debug("rollback after a failed group commit failed too")
-            if not batch:
-                continue
-            self._commits += 1
-            with self._lock:
-                for task_id, version in touched.items():
-                    if self._unflushed.get(task_id) == version:
-                        del self._unflushed[task_id]
-                        self._pending_events.pop(task_id, None)
-                        latest = self._latest.get(task_id)
-                        if latest is not None and latest.is_terminal:
-                            del self._latest[task_id]  # on disk now; finished tasks are read from there
-                    else:
-                        pending = self._pending_events.get(task_id)
-                        if pending:
-                            self._pending_events[task_id] = [e for e in pending if e[0] > version]
-                for op, item, _body in batch:
-                    if op == "remove":
-                        for task in item:
-                            latest = self._latest.get(task.task_id)
-                            if latest is not None and latest.version == task.version:
-                                del self._latest[task.task_id]
-            if group is not self._group:
-                group.resolve(error)
+            if batch:
+                self._settle(batch, touched, group, error)
+            self._write_rows(db, time.monotonic())
             if self._wal_frames >= _WAL_CAP_FRAMES:
                 self._wal_frames = 0
                 self._checkpoint(db)
+
+    def _settle(self, batch: list[tuple[str, Any, Any]], touched: dict[str, int], group: _Group, error: BaseException | None) -> None:
+        """After a group's transaction: drop what is on disk now from memory, then tell its waiters."""
+        self._commits += 1
+        with self._lock:
+            for task_id, version in touched.items():
+                if self._unflushed.get(task_id) == version:
+                    del self._unflushed[task_id]
+                    self._pending_events.pop(task_id, None)
+                    latest = self._latest.get(task_id)
+                    if latest is not None and latest.is_terminal:
+                        del self._latest[task_id]  # on disk now; finished tasks are read from there
+                else:
+                    pending = self._pending_events.get(task_id)
+                    if pending:
+                        self._pending_events[task_id] = [e for e in pending if e[0] > version]
+            for op, item, _body in batch:
+                if op == "remove":
+                    for task in item:
+                        latest = self._latest.get(task.task_id)
+                        if latest is not None and latest.version == task.version:
+                            del self._latest[task.task_id]
+        if group is not self._group:
+            group.resolve(error)
 
     def _checkpoint(self, db: sqlite3.Connection) -> tuple[int, int, int]:
         try:
