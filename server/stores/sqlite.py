@@ -191,7 +191,7 @@ _EVENTS_SQL = [""] + [
 # A row that only lags (ROW_LAG_S) is written after its group's waiters heard back, with the other
 # rows due about then: one UPDATE for up to _ROWS_CHUNK of them (one sqlite3_step), at most that
 # many after each group, so a burst of due rows never holds a group up.
-_ROWS_CHUNK = 32
+_ROWS_CHUNK = 8
 _ROWS_SQL = [""] + [
     "WITH v (task_id, status, updated_at, version, body, internal, search) AS (VALUES "
     + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
@@ -666,6 +666,12 @@ class SqliteStore(LocalStore):
         return busy, frames, copied
 
     def _checkpoint_loop(self) -> None:
+        # Copying the WAL is work for when the core is free: at a lower priority than the loop and
+        # the writer, so a checkpoint never takes a share of the core from the changes' path.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            logger.debug("the sqlite checkpointer runs at normal priority")
         db = self._connect()
         try:
             seen = self._commits
