@@ -404,6 +404,69 @@ def test_sqlite_refuses_a_second_opener_with_a_clear_message(tmp_path):
     SqliteStore(tmp_path / "t.db").close()  # free again once the first closed
 
 
+@pytest.mark.anyio
+async def test_sqlite_a_burst_of_changes_keeps_every_held_version_and_catches_every_row_up(tmp_path):
+    """Many changes queued at once (written as multi-row INSERTs, history cut by the writer's
+    trigger) and rows that only lag (written after their group by the deferred-row UPDATE)."""
+    import sqlite3
+
+    path = tmp_path / "t.db"
+    store = SqliteStore(path, history=3)
+    try:
+        tasks = [put(store, make(n, status=TaskStatus.PROCESSING, message="start")) for n in range(100)]
+        acks = []
+        for round_ in range(5):  # 500 changes committed without waiting: they queue up for the writer
+            for k, task in enumerate(tasks):
+                newer = replace(task, version=task.version + 1, updated_at=task.updated_at + timedelta(seconds=1),
+                                progress=round_ * 10, message=f"round {round_}")
+                acks.append(store.commit(newer, task.version, body_of(newer)))
+                tasks[k] = newer
+        for ack in acks:
+            await ack.done()
+        for task in tasks:
+            assert [v for v, _b in store.events(task.task_id, 0, 100)] == [4, 5, 6]
+        rows = sqlite3.connect(path)
+        try:
+            with anyio.fail_after(10):  # no further change comes: the lagging rows are still written
+                while rows.execute("SELECT COUNT(*) FROM tasks WHERE version = 6").fetchone()[0] < 100:
+                    await anyio.sleep(0.01)
+            assert rows.execute("SELECT COUNT(*), MIN(version) FROM events").fetchone() == (300, 4)
+            found = store.list(TaskQuery(q="round 4", limit=200)).tasks
+            assert sorted((t.task_id, t.version, t.message) for t in found) == sorted(
+                (t.task_id, 6, "round 4") for t in tasks
+            )
+        finally:
+            rows.close()
+    finally:
+        store.close()
+
+
+def test_sqlite_wal_starts_over_under_a_steady_stream_of_changes(tmp_path, monkeypatch):
+    """Checkpoints run off the writer; under writes that never pause the writer finishes one at
+    the cap so the WAL starts over instead of growing with everything written."""
+    import server.stores.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_S", 0.01)
+    monkeypatch.setattr(sqlite_store, "_WAL_CAP_FRAMES", 64)  # 256 KiB
+    path = tmp_path / "t.db"
+    store = SqliteStore(path)
+    try:
+        task = put(store, make(1, status=TaskStatus.PROCESSING))
+        biggest = 0
+        for n in range(3000):  # ~4 KiB snapshots: a WAL that never started over would reach ~90 MiB
+            task = bump(store, task, progress=n % 100, progress_detail={"pad": "x" * 4000})
+            biggest = max(biggest, os.path.getsize(f"{path}-wal"))
+        assert 256 * 1024 <= biggest <= 24 * 1024 * 1024, biggest
+        assert [v for v, _b in store.events(task.task_id, task.version - 1, 10)] == [task.version]
+    finally:
+        store.close()
+    reopened = SqliteStore(path)
+    try:
+        assert reopened.get(task.task_id) == task
+    finally:
+        reopened.close()
+
+
 def _settings(tmp_path: Path) -> Settings:
     return Settings(store_url=f"sqlite:///{tmp_path}/t.db", data_dir=tmp_path / "data", cleanup_interval_s=3600)
 

@@ -131,6 +131,13 @@ _GROUP_MAX = 1024  # changes per transaction at most
 # durable log, written in the change's own group commit), which is what a restart rebuilds the row
 # from. A change of status or a cancel request, and every finished task, is written at once.
 ROW_LAG_S = 0.25
+# Checkpoints: a thread of their own copies the WAL into the database file (PASSIVE: it never blocks
+# the writer or the readers) every CHECKPOINT_S while changes come in. Under a steady stream of
+# changes that copy never catches up with the newest frames, so the WAL cannot start over; once it
+# holds _WAL_CAP_FRAMES frames, the writer itself copies the rest between two groups (only what was
+# written since the thread's last copy), and the next group starts the WAL from its beginning.
+CHECKPOINT_S = 0.5
+_WAL_CAP_FRAMES = 16384  # ~64 MiB of WAL
 
 
 class StoreLocked(ValueError):
@@ -148,6 +155,50 @@ def _task(body: str, internal: str) -> Task:
     data = json.loads(body)
     data.update(json.loads(internal))
     return Task.from_dict(data)
+
+
+# a new task's sid: one past the largest (an index lookup); an update keeps its sid
+_UPSERT = (
+    "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search, sid)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(sid), 0) + 1 FROM tasks))"
+    " ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
+    " updated_at=excluded.updated_at, version=excluded.version, body=excluded.body,"
+    " internal=excluded.internal, search=excluded.search"
+)
+
+
+def _row(task: Task, body: str) -> tuple[Any, ...]:
+    return (
+        task.task_id,
+        task.task_type,
+        task.status.value,
+        task.created_at.isoformat(timespec="microseconds"),
+        task.updated_at.isoformat(timespec="microseconds"),
+        task.version,
+        body,
+        _internal(task),
+        search_text(task),
+    )
+
+
+_EVENTS_CHUNK = 64  # event rows per INSERT statement at most (one sqlite3_step for them all)
+_EVENTS_SQL = [""] + [
+    "INSERT OR REPLACE INTO events (task_id, version, body) VALUES " + ", ".join(["(?, ?, ?)"] * n)
+    for n in range(1, _EVENTS_CHUNK + 1)
+]
+
+
+# A row that only lags (ROW_LAG_S) is written after its group's waiters heard back, with the other
+# rows due about then: one UPDATE for up to _ROWS_CHUNK of them (one sqlite3_step), at most that
+# many after each group, so a burst of due rows never holds a group up.
+_ROWS_CHUNK = 8
+_ROWS_SQL = [""] + [
+    "WITH v (task_id, status, updated_at, version, body, internal, search) AS (VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
+    + ") UPDATE tasks SET status = v.status, updated_at = v.updated_at, version = v.version, body = v.body,"
+    " internal = v.internal, search = v.search FROM v WHERE tasks.task_id = v.task_id"
+    for n in range(1, _ROWS_CHUNK + 1)
+]
 
 
 class _Group(Ack):
@@ -221,12 +272,22 @@ class SqliteStore(LocalStore):
         self._closing = False
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
-        self._db = self._connect()
+        self._db = self._connect(writer=True)
         self._migrate_v1()
         self._upgrade_search()
         self._db.executescript(_SCHEMA)
+        # The history beyond ``history`` versions goes as each version is inserted (this
+        # connection's own trigger: the writer's INSERT is one statement for a whole group).
+        self._db.execute(
+            f"CREATE TEMP TRIGGER events_trim AFTER INSERT ON main.events WHEN new.version > {int(history)} BEGIN"
+            f" DELETE FROM events WHERE task_id = new.task_id AND version <= new.version - {int(history)}; END"
+        )
         self._row_written: dict[str, tuple[float, TaskStatus, bool]] = {}  # writer thread only
         self._deferred: dict[str, tuple[Task, str]] = {}  # rows to write when their lag is up (writer only)
+        self._next_due = float("inf")  # no deferred row is due before this (writer only)
+        self._commits = 0  # group commits so far (the checkpointer looks whether there were new ones)
+        self._wal_frames = 0  # frames in the WAL at the checkpointer's last look
+        self._stop = threading.Event()
         for body, internal in self._db.execute(
             "SELECT body, internal FROM tasks WHERE status IN ('pending', 'processing')"
         ).fetchall():
@@ -235,6 +296,10 @@ class SqliteStore(LocalStore):
         self._catch_up_rows()
         self._writer = threading.Thread(target=self._write_loop, name="taskmon-sqlite-writer", daemon=True)
         self._writer.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="taskmon-sqlite-checkpointer", daemon=True
+        )
+        self._checkpointer.start()
 
     # -- set-up --------------------------------------------------------------------------------
     def _take_process_lock(self) -> int:
@@ -253,10 +318,20 @@ class SqliteStore(LocalStore):
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+    def _connect(self, *, writer: bool = False) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=10,
+            cached_statements=256 if writer else 128,  # the writer's: _EVENTS_SQL's and a few more
+        )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        if writer:
+            # Checkpoints (copying the WAL into the file, with two fsyncs) run in their own thread,
+            # not in the COMMIT of whichever group crosses the threshold (see _checkpoint_loop).
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            # the statement journal of a many-row INSERT stays in memory (not a temp file per group)
+            db.execute("PRAGMA temp_store=MEMORY")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_CAP_FRAMES * 4096}")
         return db
 
     def _reader(self) -> sqlite3.Connection:
@@ -319,25 +394,7 @@ class SqliteStore(LocalStore):
 
     @staticmethod
     def _upsert(task: Task, body: str) -> tuple[str, tuple[Any, ...]]:
-        # a new task's sid: one past the largest (an index lookup); an update keeps its sid
-        return (
-            "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, version, body, internal, search, sid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(sid), 0) + 1 FROM tasks))"
-            " ON CONFLICT(task_id) DO UPDATE SET status=excluded.status,"
-            " updated_at=excluded.updated_at, version=excluded.version, body=excluded.body,"
-            " internal=excluded.internal, search=excluded.search",
-            (
-                task.task_id,
-                task.task_type,
-                task.status.value,
-                task.created_at.isoformat(timespec="microseconds"),
-                task.updated_at.isoformat(timespec="microseconds"),
-                task.version,
-                body,
-                _internal(task),
-                search_text(task),
-            ),
-        )
+        return _UPSERT, _row(task, body)
 
     # -- writes ------------------------------------------------------------------------------
     def commit(self, task: Task, expected: int | None, body: str) -> Ack:
@@ -394,26 +451,149 @@ class SqliteStore(LocalStore):
         self._db.execute("COMMIT")
         logger.info("sqlite rows caught up with their event logs", extra={"tasks": len(newest)})
 
-    def _write_row(self, db: sqlite3.Connection, task: Task, body: str, now: float, force: bool) -> None:
-        """Write the task's row now, or defer it (see ROW_LAG_S). Writer thread, inside a transaction."""
-        task_id = task.task_id
-        last = self._row_written.get(task_id)
-        if (
-            force
-            or task.is_terminal
-            or last is None
-            or last[1] is not task.status
-            or last[2] != task.cancel_requested
-            or now - last[0] >= ROW_LAG_S
-        ):
-            db.execute(*self._upsert(task, body))
-            self._deferred.pop(task_id, None)
-            if task.is_terminal:
-                self._row_written.pop(task_id, None)
+    def _rows_now(self, last: Iterable[tuple[Task, str]], now: float, force: bool) -> list[tuple[Any, ...]]:
+        """The ``tasks`` rows to write with this group, of each task's last change in it: a new
+        task, a change of status or of the cancel request, a finished task. A change that only moves
+        progress/message/detail is deferred: ``_due_rows`` writes it once its lag is up (see
+        ROW_LAG_S), with the other rows due about then. Writer thread."""
+        out: list[tuple[Any, ...]] = []
+        written, deferred = self._row_written, self._deferred
+        for task, body in last:
+            task_id, status = task.task_id, task.status
+            seen = written.get(task_id)
+            if force or seen is None or status.is_terminal or seen[1] is not status or seen[2] != task.cancel_requested:
+                out.append(_row(task, body))
+                deferred.pop(task_id, None)
+                if status.is_terminal:
+                    written.pop(task_id, None)
+                else:
+                    written[task_id] = (now, status, task.cancel_requested)
             else:
-                self._row_written[task_id] = (now, task.status, task.cancel_requested)
-        else:
-            self._deferred[task_id] = (task, body)
+                deferred[task_id] = (task, body)
+                due = seen[0] + ROW_LAG_S
+                if due < self._next_due:
+                    self._next_due = due
+        return out
+
+    def _due_rows(self, now: float, force: bool) -> list[tuple[Any, ...]]:
+        """The deferred rows whose lag is up, as UPDATE parameters: at most _ROWS_CHUNK (the
+        longest due first) unless ``force``. Looked at only when the first one is due; rows due
+        within ROW_LAG_S / 8 go with it, so a steady stream of changes writes rows a few times a
+        second, not after every group. Writer thread."""
+        if not self._deferred or (not force and now < self._next_due):
+            return []
+        soon = now + ROW_LAG_S / 8
+        due: list[tuple[float, str]] = []
+        next_due = float("inf")
+        written = self._row_written
+        for task_id in self._deferred:
+            at = written[task_id][0] + ROW_LAG_S
+            if force or at <= soon:
+                due.append((at, task_id))
+            elif at < next_due:
+                next_due = at
+        if not force and len(due) > _ROWS_CHUNK:
+            due.sort()
+            del due[_ROWS_CHUNK:]
+            next_due = now  # the rest after the next group
+        self._next_due = next_due
+        out: list[tuple[Any, ...]] = []
+        for _at, task_id in due:
+            task, body = self._deferred.pop(task_id)
+            written[task_id] = (now, task.status, task.cancel_requested)
+            out.append((
+                task_id,
+                task.status.value,
+                task.updated_at.isoformat(timespec="microseconds"),
+                task.version,
+                body,
+                _internal(task),
+                search_text(task),
+            ))
+        return out
+
+    def _write_rows(self, db: sqlite3.Connection, now: float) -> None:
+        """The due deferred rows (see _due_rows), each chunk its own autocommit UPDATE: a row only
+        saves a restart the replay of its task's log (``_catch_up_rows``), it holds no change."""
+        rows = self._due_rows(now, self._closing)
+        for start in range(0, len(rows), _ROWS_CHUNK):
+            chunk = rows[start : start + _ROWS_CHUNK]
+            try:
+                db.execute(_ROWS_SQL[len(chunk)], [x for row in chunk for x in row])
+            except sqlite3.Error:
+                logger.exception("sqlite: writing lagging rows failed", extra={"rows": len(chunk)})
+
+    def _events(self, puts: list[tuple[Task, str]], now: float, rows: list[tuple[Any, ...]]) -> list[Any]:
+        """A run of changes as the parameters of the events INSERT (task_id, version, body per
+        change); the rows to write of each task's last change in the run go to ``rows``."""
+        flat: list[Any] = []
+        last: dict[str, tuple[Task, str]] = {}
+        for task, body in puts:
+            flat += (task.task_id, task.version, body)
+            last[task.task_id] = (task, body)
+        rows += self._rows_now(last.values(), now, self._closing)
+        return flat
+
+    @staticmethod
+    def _insert_events(db: sqlite3.Connection, flat: list[Any]) -> None:
+        """Every version into ``events``: one multi-row INSERT per _EVENTS_CHUNK changes (the
+        history beyond ``history`` versions goes by the writer's trigger)."""
+        step = 3 * _EVENTS_CHUNK
+        for start in range(0, len(flat), step):
+            chunk = flat[start : start + step] if len(flat) > step else flat
+            db.execute(_EVENTS_SQL[len(chunk) // 3], chunk)
+
+    def _write_remove(self, db: sqlite3.Connection, tasks: list[Task]) -> None:
+        for task in tasks:
+            latest = self._latest.get(task.task_id)
+            if latest is not None and latest.version != task.version:
+                continue  # changed since it was chosen (its row may lag: ROW_LAG_S)
+            self._deferred.pop(task.task_id, None)
+            self._row_written.pop(task.task_id, None)
+            db.execute("DELETE FROM tasks WHERE task_id = ? AND version = ?", (task.task_id, task.version))
+            db.execute("DELETE FROM events WHERE task_id = ?", (task.task_id,))
+
+    def _write_group(self, db: sqlite3.Connection, batch: list[tuple[str, Any, Any]], touched: dict[str, int]) -> None:
+        """One transaction for the batch. The common group (changes only, no row due, at most
+        _EVENTS_CHUNK of them) is a single INSERT in autocommit mode: one sqlite3_step, so the
+        writer gives the GIL up and takes it back once for the whole group."""
+        now = time.monotonic()
+        rows: list[tuple[Any, ...]] = []
+        if all(op == "put" for op, _item, _body in batch):
+            puts = [(item, body) for _op, item, body in batch]
+            for task, _body in puts:
+                touched[task.task_id] = task.version
+            flat = self._events(puts, now, rows)
+            if not rows:
+                if 0 < len(puts) <= _EVENTS_CHUNK:
+                    db.execute(_EVENTS_SQL[len(puts)], flat)
+                if len(puts) <= _EVENTS_CHUNK:
+                    return
+            db.execute("BEGIN IMMEDIATE")  # (a failure: the writer loop rolls back)
+            if rows:
+                db.executemany(_UPSERT, rows)
+            self._insert_events(db, flat)
+            db.execute("COMMIT")
+            return
+        db.execute("BEGIN IMMEDIATE")
+        puts = []
+        for op, item, body in batch:
+            if op == "put":
+                puts.append((item, body))
+                touched[item.task_id] = item.version
+                continue
+            if puts:  # a removal sees the changes queued before it written
+                self._insert_events(db, self._events(puts, now, rows))
+                puts = []
+            if rows:
+                db.executemany(_UPSERT, rows)
+                rows = []
+            self._write_remove(db, item)
+        if puts:
+            self._insert_events(db, self._events(puts, now, rows))
+        if rows:
+            db.executemany(_UPSERT, rows)
+        db.execute("COMMIT")
 
     def _write_loop(self) -> None:
         db = self._db
@@ -421,80 +601,88 @@ class SqliteStore(LocalStore):
             with self._lock:
                 while not self._queue and not self._closing:
                     if self._deferred:
-                        self._wake.wait(ROW_LAG_S)
-                        break  # time to write the deferred rows (or new work arrived)
-                    self._wake.wait()
+                        timeout = self._next_due - time.monotonic()
+                        if timeout <= 0 or not self._wake.wait(timeout):
+                            break  # time to write the deferred rows
+                    else:
+                        self._wake.wait()
                 if not self._queue and self._closing and not self._deferred:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), _GROUP_MAX))]
                 group = self._group
                 # What is left (more than one transaction's worth) stays in this group: its waiters
                 # hear back once all of it is written.
-                if not self._queue:
+                if batch and not self._queue:
                     self._group = _Group()
             error: BaseException | None = None
             touched: dict[str, int] = {}
             try:
-                # A task changed several times in one group is written to ``tasks`` once, at its last
-                # change (every version still goes to ``events``): a burst of progress reports costs
-                # one row and index update (and one trigram re-index), not one per report.
-                last_put = {item.task_id: k for k, (op, item, _b) in enumerate(batch) if op == "put"}
-                now = time.monotonic()
-                db.execute("BEGIN IMMEDIATE")
-                for task_id, (task, body) in list(self._deferred.items()):
-                    if task_id not in last_put:  # (a newer change in this batch supersedes it)
-                        self._write_row(db, task, body, now, force=self._closing or now - self._row_written[task_id][0] >= ROW_LAG_S)
-                for k, (op, item, body) in enumerate(batch):
-                    if op == "put":
-                        if last_put[item.task_id] == k:
-                            self._write_row(db, item, body, now, force=self._closing)
-                        db.execute(
-                            "INSERT OR REPLACE INTO events (task_id, version, body) VALUES (?, ?, ?)",
-                            (item.task_id, item.version, body),
-                        )
-                        touched[item.task_id] = item.version
-                    else:
-                        for task in item:
-                            latest = self._latest.get(task.task_id)
-                            if latest is not None and latest.version != task.version:
-                                continue  # changed since it was chosen (its row may lag: ROW_LAG_S)
-                            self._deferred.pop(task.task_id, None)
-                            self._row_written.pop(task.task_id, None)
-                            db.execute("DELETE FROM tasks WHERE task_id = ? AND version = ?", (task.task_id, task.version))
-                            db.execute("DELETE FROM events WHERE task_id = ?", (task.task_id,))
-                for task_id, version in touched.items():
-                    if version > self._history:
-                        db.execute(
-                            "DELETE FROM events WHERE task_id = ? AND version <= ?", (task_id, version - self._history)
-                        )
-                db.execute("COMMIT")
+                self._write_group(db, batch, touched)
             except BaseException as exc:  # a failed group: every waiter hears it; the loop goes on
                 logger.exception("sqlite group commit failed", extra={"changes": len(batch)})
                 error = exc
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    logger.debug("rollback after a failed group commit failed too")
-            with self._lock:
-                for task_id, version in touched.items():
-                    if self._unflushed.get(task_id) == version:
-                        del self._unflushed[task_id]
-                        self._pending_events.pop(task_id, None)
-                        latest = self._latest.get(task_id)
-                        if latest is not None and latest.is_terminal:
-                            del self._latest[task_id]  # on disk now; finished tasks are read from there
-                    else:
-                        pending = self._pending_events.get(task_id)
-                        if pending:
-                            self._pending_events[task_id] = [e for e in pending if e[0] > version]
-                for op, item, _body in batch:
-                    if op == "remove":
-                        for task in item:
-                            latest = self._latest.get(task.task_id)
-                            if latest is not None and latest.version == task.version:
-                                del self._latest[task.task_id]
-            if group is not self._group:
-                group.resolve(error)
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        logger.debug("rollback after a failed group commit failed too")
+            if batch:
+                self._settle(batch, touched, group, error)
+            self._write_rows(db, time.monotonic())
+            if self._wal_frames >= _WAL_CAP_FRAMES:
+                self._wal_frames = 0
+                self._checkpoint(db)
+
+    def _settle(self, batch: list[tuple[str, Any, Any]], touched: dict[str, int], group: _Group, error: BaseException | None) -> None:
+        """After a group's transaction: drop what is on disk now from memory, then tell its waiters."""
+        self._commits += 1
+        with self._lock:
+            for task_id, version in touched.items():
+                if self._unflushed.get(task_id) == version:
+                    del self._unflushed[task_id]
+                    self._pending_events.pop(task_id, None)
+                    latest = self._latest.get(task_id)
+                    if latest is not None and latest.is_terminal:
+                        del self._latest[task_id]  # on disk now; finished tasks are read from there
+                else:
+                    pending = self._pending_events.get(task_id)
+                    if pending:
+                        self._pending_events[task_id] = [e for e in pending if e[0] > version]
+            for op, item, _body in batch:
+                if op == "remove":
+                    for task in item:
+                        latest = self._latest.get(task.task_id)
+                        if latest is not None and latest.version == task.version:
+                            del self._latest[task.task_id]
+        if group is not self._group:
+            group.resolve(error)
+
+    def _checkpoint(self, db: sqlite3.Connection) -> tuple[int, int, int]:
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            logger.exception("sqlite checkpoint failed")  # the WAL keeps the changes; the next one retries
+            return (1, 0, 0)
+        return busy, frames, copied
+
+    def _checkpoint_loop(self) -> None:
+        # Copying the WAL is work for when the core is free: at a lower priority than the loop and
+        # the writer, so a checkpoint never takes a share of the core from the changes' path.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            logger.debug("the sqlite checkpointer runs at normal priority")
+        db = self._connect()
+        try:
+            seen = self._commits
+            while not self._stop.wait(CHECKPOINT_S):
+                if self._commits == seen:
+                    continue
+                seen = self._commits
+                _busy, frames, _copied = self._checkpoint(db)
+                self._wal_frames = frames
+        finally:
+            db.close()
 
     # -- reads -------------------------------------------------------------------------------
     def cached(self, task_id: str) -> Task | None | bool:
@@ -757,6 +945,8 @@ class SqliteStore(LocalStore):
             self._closing = True
             self._wake.notify_all()
         self._writer.join(30)
+        self._stop.set()
+        self._checkpointer.join(30)
         with self._lock:
             readers, self._readers = self._readers, []
         for db in readers:
