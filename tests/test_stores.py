@@ -167,10 +167,6 @@ def test_events_page_by_version_and_trim_to_history(kind, tmp_path, url_for_redi
 def test_events_trim_to_history_bytes_keeping_the_newest(kind, tmp_path, url_for_redis):
     """The per-task history is bounded by bytes too (TASKMON_HISTORY_KB): the oldest go first and
     the newest snapshot stays even when it alone is over the bound."""
-    import inspect
-
-    if kind == "sqlite" and "history_bytes" not in inspect.signature(SqliteStore).parameters:
-        pytest.xfail("the sqlite store bounds its history by count only (so far)")
     store = open_kind(kind, tmp_path, url_for_redis, history=100, history_bytes=4000)
     try:
         task = put(store, make(1))

@@ -203,7 +203,7 @@ def open_store(
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///"), history=history)
+        return SqliteStore(url.removeprefix("sqlite:///"), history=history, history_bytes=history_bytes)
     if url.startswith(("redis://", "rediss://", "unix://")):
         try:
             from .redis import RedisStore  # type: ignore[import-not-found]

@@ -254,9 +254,14 @@ def _set_done(future: Any) -> None:
 
 
 class SqliteStore(LocalStore):
-    def __init__(self, path: str | Path, history: int = 256) -> None:
+    def __init__(self, path: str | Path, history: int = 256, history_bytes: int | None = None) -> None:
         self.path = Path(path)
         self._history = history
+        self._history_bytes = history_bytes
+        # writer thread only: per live task, an upper bound of its log's size (chars of the bodies):
+        # what an exact look found plus everything inserted since (the count trigger only removes).
+        # Only once it passes history_bytes does the writer look again and trim (_trim_bytes).
+        self._log_upper: dict[str, float] = {}
         memory = str(self.path) == ":memory:"
         if memory:
             raise ValueError("sqlite:///:memory: cannot be shared by the writer and readers; use memory://")
@@ -627,6 +632,8 @@ class SqliteStore(LocalStore):
                     except sqlite3.Error:
                         logger.debug("rollback after a failed group commit failed too")
             if batch:
+                if self._history_bytes is not None and error is None:
+                    self._trim_bytes(db, batch)  # before its waiters hear back: they read it trimmed
                 self._settle(batch, touched, group, error)
             self._write_rows(db, time.monotonic())
             if self._wal_frames >= _WAL_CAP_FRAMES:
@@ -656,6 +663,45 @@ class SqliteStore(LocalStore):
                             del self._latest[task.task_id]
         if group is not self._group:
             group.resolve(error)
+
+    def _trim_bytes(self, db: sqlite3.Connection, batch: list[tuple[str, Any, Any]]) -> None:
+        """The byte bound of each task's history (``history_bytes``), after its group is written:
+        the oldest versions go while the log is over it; the newest always stays. Writer thread."""
+        limit = self._history_bytes
+        assert limit is not None
+        upper = self._log_upper
+        over: set[str] = set()
+        for op, item, body in batch:
+            if op == "remove":
+                for task in item:
+                    upper.pop(task.task_id, None)
+                continue
+            task_id = item.task_id
+            # a task made by this process starts empty; one found at open is measured first
+            size = upper.get(task_id, 0.0 if item.version == 1 else float("inf")) + len(body)
+            if item.is_terminal:
+                upper.pop(task_id, None)  # a finished log does not grow any more
+            else:
+                upper[task_id] = size
+            if size > limit:
+                over.add(task_id)
+        for task_id in over:
+            try:
+                sizes = db.execute(
+                    "SELECT version, length(body) FROM events WHERE task_id = ? ORDER BY version DESC", (task_id,)
+                ).fetchall()
+                kept, cut = 0, None
+                for index, (version, size) in enumerate(sizes):
+                    if index and kept + size > limit:
+                        cut = version
+                        break
+                    kept += size
+                if cut is not None:
+                    db.execute("DELETE FROM events WHERE task_id = ? AND version <= ?", (task_id, cut))
+                if task_id in upper:
+                    upper[task_id] = kept
+            except sqlite3.Error:
+                logger.exception("sqlite: trimming a history by bytes failed", extra={"task_id": task_id})
 
     def _checkpoint(self, db: sqlite3.Connection) -> tuple[int, int, int]:
         try:
