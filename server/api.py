@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -137,6 +138,11 @@ async def serve_patch(app: Any, scope: Scope, receive: Receive, send: Send, task
         manager: TaskManager = app.state.manager
         if not is_task_id(task_id) or not await manager.aexists(task_id):
             raise TaskNotFoundError(task_id)
+        bus = manager.bus
+        if bus.open_streams and not bus.has_audience(task_id):
+            # streams are open, none on this task: let the requests of this loop turn that others
+            # watch go first (a flood of unwatched PATCHes must not queue ahead of a watched one)
+            await asyncio.sleep(0)
         changes = parse_json_object(await receive_body(receive, headers.get("content-length")))
         try:
             _task, encoded = await manager.apatch(task_id, changes, known=True)
