@@ -221,16 +221,30 @@ async def test_beyond_the_connection_cap_busy_connections_get_a_clear_503(tmp_pa
                 await anyio.sleep(0.05)
 
 
-@pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
-async def test_connection_limits_hold_with_either_http_implementation(settings, base):
-    settings = settings.with_changes(port=free_port(), max_header_bytes=4096, header_timeout_s=0.5, max_connections=10)
+@asynccontextmanager
+async def limited_uvicorn(settings, base) -> AsyncIterator[int]:
+    """taskmon on a uvicorn thread speaking its connection protocol built on ``base`` (httptools or
+    h11); yields the port once the server is up, and checks the thread is gone after it stops."""
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     config.http = limited_protocol(settings, base)
     server = Server(config, app)
     thread = threading.Thread(target=server.run, name="uvicorn-" + base.__name__, daemon=True)
     thread.start()
-    port = settings.port
+    try:
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        yield settings.port
+    finally:
+        server.request_stop()
+        await anyio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
+async def test_connection_limits_hold_with_either_http_implementation(settings, base):
+    settings = settings.with_changes(port=free_port(), max_header_bytes=4096, header_timeout_s=0.5, max_connections=10)
 
     async def answer(request: bytes) -> bytes:
         reader, writer = await _open(port)
@@ -241,10 +255,7 @@ async def test_connection_limits_hold_with_either_http_implementation(settings, 
         writer.close()
         return data
 
-    try:
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
+    async with limited_uvicorn(settings, base) as port:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:  # keep-alive still works
             assert [(await http.get("/healthz")).status_code for _ in range(3)] == [200, 200, 200]
         assert (await answer(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8000)).startswith(b"HTTP/1.1 431 ")
@@ -255,10 +266,6 @@ async def test_connection_limits_hold_with_either_http_implementation(settings, 
             assert (await http.get("/healthz")).status_code == 200
         for _, writer in idle:
             writer.close()
-    finally:
-        server.request_stop()
-        await anyio.to_thread.run_sync(thread.join, 10)
-    assert not thread.is_alive()
 
 
 class _Recorder:
@@ -315,13 +322,6 @@ def test_a_patch_answer_goes_out_in_one_write_and_nothing_is_held_back() -> None
 @pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
 async def test_patches_pipelined_or_with_expect_100_are_answered_whole_and_in_order(settings, base):
     settings = settings.with_changes(port=free_port())
-    app = create_app(settings)
-    config = uvicorn_config(app, settings)
-    config.http = limited_protocol(settings, base)
-    server = Server(config, app)
-    thread = threading.Thread(target=server.run, name="uvicorn-" + base.__name__, daemon=True)
-    thread.start()
-    port = settings.port
 
     def patch(task_id: str, progress: int, extra: bytes = b"") -> tuple[bytes, bytes]:
         body = json.dumps({"progress": progress}).encode()
@@ -340,10 +340,7 @@ async def test_patches_pipelined_or_with_expect_100_are_answered_whole_and_in_or
                 out.append((status, json.loads(await reader.readexactly(length))))
         return out
 
-    try:
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
+    async with limited_uvicorn(settings, base) as port:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             task_id = (await http.post("/api/tasks", json={"task_type": "pipelined"})).json()["data"]["task_id"]
         reader, writer = await _open(port)
@@ -364,10 +361,6 @@ async def test_patches_pipelined_or_with_expect_100_are_answered_whole_and_in_or
         [(status, answer)] = await responses(reader, 1)
         assert (status, answer["data"]["progress"], answer["data"]["version"]) == (200, 40, 5)
         writer.close()
-    finally:
-        server.request_stop()
-        await anyio.to_thread.run_sync(thread.join, 10)
-    assert not thread.is_alive()
 
 
 # ------------------------------------------------------------------ row 4: expanding PDFs
