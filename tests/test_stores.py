@@ -463,6 +463,37 @@ def test_sqlite_wal_starts_over_under_a_steady_stream_of_changes(tmp_path, monke
         reopened.close()
 
 
+def test_sqlite_wal_starts_over_by_the_checkpointers_pre_copy_long_before_the_cap(tmp_path, monkeypatch):
+    """The checkpointer copies in rounds until little is left, then the writer copies that little
+    between two groups: the WAL starts over at about _RESTART_FRAMES, the cap is never reached."""
+    import server.stores.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_S", 0.01)
+    monkeypatch.setattr(sqlite_store, "_RESTART_FRAMES", 64)  # 256 KiB
+    monkeypatch.setattr(sqlite_store, "_WAL_CAP_FRAMES", 10**9)  # the backstop never fires
+    path = tmp_path / "t.db"
+    store = SqliteStore(path)
+    try:
+        task = put(store, make(1, status=TaskStatus.PROCESSING))
+
+        def starts() -> int:  # the WAL header's checkpoint sequence: + 1 each time it starts over
+            with open(f"{path}-wal", "rb") as wal:
+                return int.from_bytes(wal.read(16)[12:16], "big")
+
+        first = starts()
+        for n in range(3000):  # ~4 KiB snapshots, ~12 MiB a second: ~90 MiB in all
+            task = bump(store, task, progress=n % 100, progress_detail={"pad": "x" * 4000})
+        assert starts() - first >= 10, starts() - first
+        assert [v for v, _b in store.events(task.task_id, task.version - 1, 10)] == [task.version]
+    finally:
+        store.close()
+    reopened = SqliteStore(path)
+    try:
+        assert reopened.get(task.task_id) == task
+    finally:
+        reopened.close()
+
+
 def _settings(tmp_path: Path) -> Settings:
     return Settings(store_url=f"sqlite:///{tmp_path}/t.db", data_dir=tmp_path / "data", cleanup_interval_s=3600)
 

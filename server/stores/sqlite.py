@@ -133,10 +133,17 @@ _GROUP_MAX = 1024  # changes per transaction at most
 ROW_LAG_S = 0.25
 # Checkpoints: a thread of their own copies the WAL into the database file (PASSIVE: it never blocks
 # the writer or the readers) every CHECKPOINT_S while changes come in. Under a steady stream of
-# changes that copy never catches up with the newest frames, so the WAL cannot start over; once it
-# holds _WAL_CAP_FRAMES frames, the writer itself copies the rest between two groups (only what was
-# written since the thread's last copy), and the next group starts the WAL from its beginning.
+# changes one copy never catches up with the newest frames (the writer appends while it runs), so
+# the WAL could never start over. So the thread copies again while the last copy left more than
+# _TAIL_FRAMES behind (each round copies only what the one before let through, so the rounds get
+# short: a pre-copy), and once the WAL holds _RESTART_FRAMES or more, asks the writer to copy the
+# last few frames between two groups: a stall of well under a millisecond instead of a full copy,
+# and the next group starts the WAL from its beginning. _WAL_CAP_FRAMES is the backstop: there the
+# writer copies whatever is left.
 CHECKPOINT_S = 0.5
+_TAIL_FRAMES = 64  # frames (4 KiB pages) the writer may be left to copy
+_CONVERGE_ROUNDS = 4  # copies per checkpoint at most
+_RESTART_FRAMES = 2048  # ~8 MiB: past this a checkpoint asks the writer to finish it
 _WAL_CAP_FRAMES = 16384  # ~64 MiB of WAL
 
 
@@ -292,6 +299,7 @@ class SqliteStore(LocalStore):
         self._next_due = float("inf")  # no deferred row is due before this (writer only)
         self._commits = 0  # group commits so far (the checkpointer looks whether there were new ones)
         self._wal_frames = 0  # frames in the WAL at the checkpointer's last look
+        self._tail_ready = False  # the checkpointer copied nearly all of a big WAL: the writer finishes it
         self._stop = threading.Event()
         for body, internal in self._db.execute(
             "SELECT body, internal FROM tasks WHERE status IN ('pending', 'processing')"
@@ -636,9 +644,11 @@ class SqliteStore(LocalStore):
                     self._trim_bytes(db, batch)  # before its waiters hear back: they read it trimmed
                 self._settle(batch, touched, group, error)
             self._write_rows(db, time.monotonic())
-            if self._wal_frames >= _WAL_CAP_FRAMES:
-                self._wal_frames = 0
-                self._checkpoint(db)
+            if self._tail_ready or self._wal_frames >= _WAL_CAP_FRAMES:
+                busy, _frames, _copied = self._checkpoint(db)
+                if not busy:  # (busy: the checkpointer's copy is running; after the next group, then)
+                    self._tail_ready = False
+                    self._wal_frames = 0
 
     def _settle(self, batch: list[tuple[str, Any, Any]], touched: dict[str, int], group: _Group, error: BaseException | None) -> None:
         """After a group's transaction: drop what is on disk now from memory, then tell its waiters."""
@@ -722,11 +732,20 @@ class SqliteStore(LocalStore):
         try:
             seen = self._commits
             while not self._stop.wait(CHECKPOINT_S):
-                if self._commits == seen:
-                    continue
+                if self._commits == seen or self._tail_ready:
+                    continue  # (the writer is about to finish the last copy: no race with it)
                 seen = self._commits
-                _busy, frames, _copied = self._checkpoint(db)
+                busy, frames, copied = self._checkpoint(db)
+                for _round in range(1, _CONVERGE_ROUNDS):
+                    if busy or self._stop.is_set():
+                        break
+                    before = copied
+                    busy, frames, copied = self._checkpoint(db)
+                    if frames - before <= _TAIL_FRAMES:
+                        break  # what the writer appended during the last round: little
                 self._wal_frames = frames
+                if not busy and frames >= _RESTART_FRAMES and frames - copied <= _TAIL_FRAMES:
+                    self._tail_ready = True
         finally:
             db.close()
 
