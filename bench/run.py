@@ -42,7 +42,7 @@ The producer path (issues 10 and 13; bench/producer_suite.py), side by side in t
                  wrk connections PATCHing another task flat out: first-receipt p50/p99 and the ratio
                  (target <= 2x); memory:// and sqlite.
   patch_latency  PATCH latency p50/p99 at a fixed 2,000 PATCH/s, open loop (bench/openloop.py, on
-                 core 1; target p99 <= 10 ms); memory:// and sqlite.
+                 core 1; target p99 <= 10 ms); memory:// and sqlite, beside the raw ASGI app (the floor).
   listing        GET /api/graph/tasks?status=processing&limit=50, and with q=, over 1,000 / 10,000 /
                  100,000 tasks written through the store API (bench/listing.py populate), served by
                  ``python -m server serve --store sqlite:///...`` (redis:// when it exists): p50/p99
