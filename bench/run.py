@@ -28,7 +28,8 @@ Scenarios (``--only`` takes these names, comma-separated):
               publish-to-first-receipt and publish-to-last-receipt p50/p99, server CPU %
   stall       as latency (20/s) with one of the 1,000 streams never read (small receive buffer,
               a 2 s burst first to fill every buffer on the way): the others' latency and RSS
-  publish     update_task latency from a job thread with 0 and 10,000 subscribers
+  publish     update_task latency from a job thread with 0 and 10,000 subscribers, beside the floor:
+              a bare hand-off with the same checks timed in the same thread at the same spacing
               (in-process, bench/publish_cost.py, memory store; target p50 <= 100 us, issue 10)
 
 The producer path (issues 10 and 13; bench/producer_suite.py), side by side in the same run:
@@ -400,7 +401,7 @@ METRICS = {  # what is summarised (median over runs) per scenario
                 "server_cpu_pct", "loadgen_cpu_pct", "cpu_us_per_event", "sys_us_per_event", "other_cpu_pct"],
     "stall": ["first_p50_ms", "first_p99_ms", "last_p50_ms", "last_p99_ms", "server_cpu_pct", "cpu_us_per_event",
               "rss_growth", "rss_growth_window", "stalled_server_send_q", "stalled_client_recv_q", "stalled_still_open", "other_cpu_pct"],
-    "publish": ["p50_us", "p99_us", "cpu_p50_us", "mean_us", "max_us"],
+    "publish": ["p50_us", "p99_us", "cpu_p50_us", "mean_us", "max_us", "floor_p50_us"],
 }
 
 
@@ -502,6 +503,8 @@ def build_rows(med: dict, big_key: str | None) -> list[dict]:
         row(f"update_task from a thread, {subs} subscribers: p50", key, "p50_us", unit=" us")
         row(f"update_task from a thread, {subs} subscribers: p99", key, "p99_us", unit=" us")
         row(f"update_task from a thread, {subs} subscribers: thread CPU p50", key, "cpu_p50_us", unit=" us")
+        row(f"  the floor: a bare hand-off with the same checks, same thread and spacing: p50", key,
+            "floor_p50_us", unit=" us")
     # self-relative checks (taskmon against itself)
     checks = []
     tm = med.get("taskmon", {})
