@@ -3,6 +3,7 @@ one store promises: sqlite's restart and one-process lock, redis's races, reader
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -610,6 +611,25 @@ async def test_redis_reader_feeds_every_change_and_each_removal_once(redis_url):
         for store in readers:
             await store.aclose()
         writer.close()
+
+
+@pytest.mark.anyio
+async def test_redis_a_burst_of_concurrent_reads_waits_for_a_connection_instead_of_failing(redis_url):
+    # 1,000 streams opening at once each read the snapshot: redis-py's plain pool refused every
+    # command past its 100th connection (MaxConnectionsError -> 503); the loop's pool is bounded
+    # and callers queue for a free connection
+    from server.stores.redis import ASYNC_POOL_SIZE
+
+    store = open_store(redis_url)
+    task = put(store, make(1))
+    try:
+        with anyio.fail_after(5):
+            got = await asyncio.gather(*(store.aget(task.task_id) for _ in range(ASYNC_POOL_SIZE * 4)))
+        assert [t.version for t in got] == [1] * (ASYNC_POOL_SIZE * 4)
+        pool = store._async.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= ASYNC_POOL_SIZE
+    finally:
+        await store.aclose()
 
 
 def test_redis_sweep_lease_one_holder_at_a_time(redis_url):
