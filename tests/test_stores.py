@@ -4,6 +4,7 @@ one store promises: sqlite's restart and one-process lock, redis's races, reader
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -764,3 +765,84 @@ async def test_redis_own_commits_and_the_reader_put_every_version_on_each_bus_on
         for manager in managers:
             await manager.store.aclose()
             manager.bus.close()
+
+
+@contextlib.asynccontextmanager
+async def _watched_redis_task(redis_url: str, monkeypatch, hold_s: float):
+    """A manager on redis with its reader running, one processing task with a subscriber on the
+    local bus, and the bus held saturated (``frequent``: the timing input of the hold, faked)."""
+    from server import manager as manager_module
+    from server.bus import EventBus
+    from server.manager import TaskManager
+
+    monkeypatch.setattr(manager_module, "_HOLD_S", hold_s)
+    bus = EventBus(queue_size=1000)
+    manager = TaskManager(open_store(redis_url), bus)
+    await manager.store.start(manager.on_feed)
+    try:
+        task, _ = await manager.acreate("hold")
+        await manager.apatch(task.task_id, {"status": "processing"})
+        subscriber = bus.subscribe(task.task_id)
+        with anyio.fail_after(5):  # the reader has echoed both versions: nothing of them is held
+            while manager._published.get(task.task_id) != 2 or manager._ahead or manager._held:
+                await anyio.sleep(0.01)
+        subscriber.take()
+        monkeypatch.setattr(EventBus, "frequent", lambda self: True)
+        yield manager, task.task_id, subscriber
+    finally:
+        await manager.store.aclose()
+        bus.close()
+
+
+async def _chain(manager, task_id: str, progress: int) -> int:
+    task, _ = await manager.apatch(task_id, {"progress": progress})  # nothing else queued: a chain of one
+    return task.version
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_fanout_holds_a_chain_until_the_next_so_both_reach_each_stream_in_one_batch(
+    redis_url, monkeypatch
+):
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        with anyio.fail_after(5):  # the reader's echo of the chain is held behind it too
+            while not any(item[0] == "feed" for item in manager._held.get(task_id, ())):
+                await anyio.sleep(0.01)
+        assert subscriber.events == []  # answered, not yet delivered: waiting for the next chain
+        assert await _chain(manager, task_id, 20) == 4
+        # both chains in one batch, strictly consecutive, each version once
+        assert [event.version for event in subscriber.take()] == [3, 4]
+        assert not manager._held and manager.holds_timed_out == 0
+        with anyio.fail_after(5):  # the reader's echo of the second chain is skipped, not repeated
+            while manager._ahead:
+                await anyio.sleep(0.01)
+        assert subscriber.take() == []
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_hold_ends_by_its_timer_when_no_next_chain_comes(redis_url, monkeypatch):
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=0.05) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        assert subscriber.events == []
+        with anyio.fail_after(5):
+            while not subscriber.events:
+                await anyio.sleep(0.01)
+        assert [event.version for event in subscriber.take()] == [3]
+        assert manager.holds_timed_out == 1 and not manager._held and not manager._hold_timers
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_hold_is_released_when_the_next_chain_fails(redis_url, monkeypatch):
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        assert subscriber.events == []
+
+        async def down(*args, **kwargs):
+            raise StoreUnavailable("redis: ConnectionError")
+
+        monkeypatch.setattr(manager.store, "acommit_chain", down)
+        with pytest.raises(StoreUnavailable):
+            await manager.apatch(task_id, {"progress": 50})
+        # the held chain went out at once (no wait for the timer), versions still consecutive
+        assert [event.version for event in subscriber.take()] == [3]
+        assert not manager._held and manager.holds_timed_out == 0
