@@ -777,8 +777,8 @@ class TaskManager:
         if held is None:
             if self._pending.get(task_id):
                 self._hold(task_id, item, False)
-            elif self._saturated(task_id):
-                self._hold(task_id, item, True)
+            elif self._published.get(task_id) == expected and self._saturated(task_id):
+                self._hold(task_id, item, True)  # (a chain the reader has published already is not held)
             else:
                 self._publish_own(task_id, expected, chain)
             return

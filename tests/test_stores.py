@@ -846,3 +846,22 @@ async def test_redis_saturated_hold_is_released_when_the_next_chain_fails(redis_
         # the held chain went out at once (no wait for the timer), versions still consecutive
         assert [event.version for event in subscriber.take()] == [3]
         assert not manager._held and manager.holds_timed_out == 0
+
+
+@pytest.mark.anyio
+async def test_redis_unsaturated_changes_reach_the_bus_when_their_chain_returns(redis_url, monkeypatch):
+    from server.bus import EventBus
+
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        monkeypatch.undo()  # the real EventBus.frequent: nothing was delivered for a long while
+        for progress in (10, 20, 30):
+            with anyio.fail_after(5):  # the previous change's flush has run (its end counts as an event)
+                while manager.bus._flush_scheduled:
+                    await anyio.sleep(0.001)
+            manager.bus._last_event = -1e9  # and that came long ago (a task at a steady pace)
+            assert not EventBus.frequent(manager.bus)
+            version = await _chain(manager, task_id, progress)
+            # on the bus by the time the caller has its answer (by the chain or the reader's echo)
+            assert [event.version for event in subscriber.take()] == [version]
+            assert task_id not in manager._held
+        assert manager.holds_timed_out == 0
