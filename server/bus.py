@@ -342,6 +342,11 @@ class EventBus:
         the change from the store instead."""
         return bool(self._all) or task_id in self._by_task
 
+    def frequent(self) -> bool:
+        """Whether deliveries are frequent now (the last event with an audience, or the end of the
+        last flush, under BATCH_WINDOW_S ago): the bus is saturated and its flushes batch."""
+        return _monotonic() - self._last_event < BATCH_WINDOW_S
+
     def fanout_now(self, event: Event) -> None:
         """Fan an event out at once (loop thread; e.g. from ``hook``, before the event it saw)."""
         self._fanout(event)

@@ -76,6 +76,8 @@ _UPDATABLE_SET = frozenset(_UPDATABLE)
 _RETRIES = 20  # compare-and-set attempts of one change on a shared store
 _LEAD = object()  # handed to the change that commits the next chain (shared store)
 _SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread path
+# shared store, saturated fan-out: how long a watched task's events wait for its next chain (see _publish_shared)
+_HOLD_S = 0.005
 _PUBLISHED_MAX = 10_000  # shared store: tasks whose last published version is remembered (see _publish_shared)
 
 
@@ -257,6 +259,9 @@ class TaskManager:
         # a task's chain that returned while the next one was already queued waits for it, and so do the
         # reader's events of that task meanwhile: both chains reach the bus in one burst (one write per stream)
         self._held: dict[str, list[tuple[Any, ...]]] = {}
+        self._hold_waits: set[str] = set()  # held while deliveries are saturated: until the next chain returns
+        self._hold_timers: dict[str, asyncio.TimerHandle] = {}  # every hold ends by _HOLD_S at the latest
+        self.holds_timed_out = 0  # saturated holds that no next chain ended (plain int: a scrape reads it)
         self.owner = uuid.uuid4().hex[:16]  # this process's job pool, for tasks it runs itself
         self.stale_after_s = stale_after_s
         self.cancel_grace_s = cancel_grace_s
@@ -584,7 +589,8 @@ class TaskManager:
         else:
             del self._pending[task_id]
             self._chain_base.pop(task_id, None)
-            self._release(task_id)  # nothing queued any more: a held chain goes out now
+            if task_id not in self._hold_waits:
+                self._release(task_id)  # nothing queued any more: a held chain goes out now
 
     async def _commit_chain(self, task_id: str, batch: list[list[Any]]) -> None:
         """Plan ``batch`` in order from the stored snapshot; commit the ones that apply in one step."""
@@ -732,22 +738,62 @@ class TaskManager:
     # next own commit is left to the reader). Entries ahead of the reader are never dropped: they are
     # what tells the reader to skip its echo.
     # Under load, a chain that returns while changes already wait for the next one is held until that
-    # one returns (at most one chain is held; its callers have their answers already), and the reader's
-    # events of the task are held behind it, so that both chains reach the bus together; ``_release``
-    # replays everything held in order through the same rule.
+    # one returns (its callers have their answers already), and the reader's events of the task are
+    # held behind it, so that both chains reach the bus together; ``_release`` replays everything held
+    # in order through the same rule. When deliveries are saturated (``EventBus.frequent``) and the
+    # task is watched, the same holds even with nothing queued yet: the reader's echo of a chain in
+    # flight and the chain itself wait for the next chain (the callers, answered, send the next
+    # changes), so one flush writes two chains to each stream instead of one: fewer writes per
+    # delivered event, as the in-process stores batch the changes that arrive during a flush. Every
+    # hold ends within _HOLD_S of its last chain, whatever comes (a timer), and at once when the next
+    # chain returns or fails; a task at a steady 20 updates/s is never saturated, so never held.
+    def _saturated(self, task_id: str) -> bool:
+        bus = self._bus
+        return bus is not None and bus.frequent() and bus.has_audience(task_id)
+
+    def _hold(self, task_id: str, item: tuple[Any, ...], wait: bool) -> None:
+        self._held[task_id] = [item]
+        if wait:
+            self._hold_waits.add(task_id)
+        self._arm(task_id)
+
+    def _arm(self, task_id: str) -> None:
+        timer = self._hold_timers.pop(task_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._hold_timers[task_id] = asyncio.get_running_loop().call_later(_HOLD_S, self._hold_expired, task_id)
+
+    def _hold_expired(self, task_id: str) -> None:
+        self._hold_timers.pop(task_id, None)
+        if task_id in self._held:
+            self.holds_timed_out += 1
+            self._release(task_id)
+
     def _publish_shared(self, task_id: str, expected: int | None, chain: list[tuple[Task, str]]) -> None:
         if self._bus is None:
             return
+        item = ("own", expected, chain)
         held = self._held.get(task_id)
         if held is None:
             if self._pending.get(task_id):
-                self._held[task_id] = [("own", expected, chain)]
-                return
-        else:
-            self._release(task_id)
-        self._publish_own(task_id, expected, chain)
+                self._hold(task_id, item, False)
+            elif self._published.get(task_id) == expected and self._saturated(task_id):
+                self._hold(task_id, item, True)  # (a chain the reader has published already is not held)
+            else:
+                self._publish_own(task_id, expected, chain)
+            return
+        held.append(item)
+        if not any(i[0] == "own" for i in held[:-1]) and self._saturated(task_id):
+            self._hold_waits.add(task_id)  # held since the reader's echo of this chain: wait for the next
+            self._arm(task_id)
+            return
+        self._release(task_id)
 
     def _release(self, task_id: str) -> None:
+        self._hold_waits.discard(task_id)
+        timer = self._hold_timers.pop(task_id, None)
+        if timer is not None:
+            timer.cancel()
         for item in self._held.pop(task_id, ()):
             if item[0] == "own":
                 self._publish_own(task_id, item[1], item[2])
@@ -785,6 +831,9 @@ class TaskManager:
         held = self._held.get(task.task_id)
         if held is not None:
             held.append(("feed", kind, task, body))
+            return
+        if kind == "task" and task.task_id in self._pending and self._saturated(task.task_id):
+            self._hold(task.task_id, ("feed", kind, task, body), False)  # a chain of ours is in flight
             return
         self._feed_now(kind, task, body)
 

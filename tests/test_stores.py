@@ -3,6 +3,8 @@ one store promises: sqlite's restart and one-process lock, redis's races, reader
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -612,6 +614,25 @@ async def test_redis_reader_feeds_every_change_and_each_removal_once(redis_url):
         writer.close()
 
 
+@pytest.mark.anyio
+async def test_redis_a_burst_of_concurrent_reads_waits_for_a_connection_instead_of_failing(redis_url):
+    # 1,000 streams opening at once each read the snapshot: redis-py's plain pool refused every
+    # command past its 100th connection (MaxConnectionsError -> 503); the loop's pool is bounded
+    # and callers queue for a free connection
+    from server.stores.redis import ASYNC_POOL_SIZE
+
+    store = open_store(redis_url)
+    task = put(store, make(1))
+    try:
+        with anyio.fail_after(5):
+            got = await asyncio.gather(*(store.aget(task.task_id) for _ in range(ASYNC_POOL_SIZE * 4)))
+        assert [t.version for t in got] == [1] * (ASYNC_POOL_SIZE * 4)
+        pool = store._async.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= ASYNC_POOL_SIZE
+    finally:
+        await store.aclose()
+
+
 def test_redis_sweep_lease_one_holder_at_a_time(redis_url):
     a, b = open_store(redis_url), open_store(redis_url)
     try:
@@ -744,3 +765,103 @@ async def test_redis_own_commits_and_the_reader_put_every_version_on_each_bus_on
         for manager in managers:
             await manager.store.aclose()
             manager.bus.close()
+
+
+@contextlib.asynccontextmanager
+async def _watched_redis_task(redis_url: str, monkeypatch, hold_s: float):
+    """A manager on redis with its reader running, one processing task with a subscriber on the
+    local bus, and the bus held saturated (``frequent``: the timing input of the hold, faked)."""
+    from server import manager as manager_module
+    from server.bus import EventBus
+    from server.manager import TaskManager
+
+    monkeypatch.setattr(manager_module, "_HOLD_S", hold_s)
+    bus = EventBus(queue_size=1000)
+    manager = TaskManager(open_store(redis_url), bus)
+    await manager.store.start(manager.on_feed)
+    try:
+        task, _ = await manager.acreate("hold")
+        await manager.apatch(task.task_id, {"status": "processing"})
+        subscriber = bus.subscribe(task.task_id)
+        with anyio.fail_after(5):  # the reader has echoed both versions: nothing of them is held
+            while manager._published.get(task.task_id) != 2 or manager._ahead or manager._held:
+                await anyio.sleep(0.01)
+        subscriber.take()
+        monkeypatch.setattr(EventBus, "frequent", lambda self: True)
+        yield manager, task.task_id, subscriber
+    finally:
+        await manager.store.aclose()
+        bus.close()
+
+
+async def _chain(manager, task_id: str, progress: int) -> int:
+    task, _ = await manager.apatch(task_id, {"progress": progress})  # nothing else queued: a chain of one
+    return task.version
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_fanout_holds_a_chain_until_the_next_so_both_reach_each_stream_in_one_batch(
+    redis_url, monkeypatch
+):
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        with anyio.fail_after(5):  # the reader's echo of the chain is held behind it too
+            while not any(item[0] == "feed" for item in manager._held.get(task_id, ())):
+                await anyio.sleep(0.01)
+        assert subscriber.events == []  # answered, not yet delivered: waiting for the next chain
+        assert await _chain(manager, task_id, 20) == 4
+        # both chains in one batch, strictly consecutive, each version once
+        assert [event.version for event in subscriber.take()] == [3, 4]
+        assert not manager._held and manager.holds_timed_out == 0
+        with anyio.fail_after(5):  # the reader's echo of the second chain is skipped, not repeated
+            while manager._ahead:
+                await anyio.sleep(0.01)
+        assert subscriber.take() == []
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_hold_ends_by_its_timer_when_no_next_chain_comes(redis_url, monkeypatch):
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=0.05) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        assert subscriber.events == []
+        with anyio.fail_after(5):
+            while not subscriber.events:
+                await anyio.sleep(0.01)
+        assert [event.version for event in subscriber.take()] == [3]
+        assert manager.holds_timed_out == 1 and not manager._held and not manager._hold_timers
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_hold_is_released_when_the_next_chain_fails(redis_url, monkeypatch):
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        assert subscriber.events == []
+
+        async def down(*args, **kwargs):
+            raise StoreUnavailable("redis: ConnectionError")
+
+        monkeypatch.setattr(manager.store, "acommit_chain", down)
+        with pytest.raises(StoreUnavailable):
+            await manager.apatch(task_id, {"progress": 50})
+        # the held chain went out at once (no wait for the timer), versions still consecutive
+        assert [event.version for event in subscriber.take()] == [3]
+        assert not manager._held and manager.holds_timed_out == 0
+
+
+@pytest.mark.anyio
+async def test_redis_unsaturated_changes_reach_the_bus_when_their_chain_returns(redis_url, monkeypatch):
+    from server.bus import EventBus
+
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        monkeypatch.undo()  # the real EventBus.frequent: nothing was delivered for a long while
+        for progress in (10, 20, 30):
+            with anyio.fail_after(5):  # the previous change's flush has run (its end counts as an event)
+                while manager.bus._flush_scheduled:
+                    await anyio.sleep(0.001)
+            manager.bus._last_event = -1e9  # and that came long ago (a task at a steady pace)
+            assert not EventBus.frequent(manager.bus)
+            version = await _chain(manager, task_id, progress)
+            # on the bus by the time the caller has its answer (by the chain or the reader's echo)
+            assert [event.version for event in subscriber.take()] == [version]
+            assert task_id not in manager._held
+        assert manager.holds_timed_out == 0

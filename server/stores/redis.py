@@ -85,6 +85,11 @@ READ_COUNT = 1_000
 SCAN_PAGE = 500  # index entries read per step of a filtered listing or count
 LIST_SCAN_MAX = 20_000  # index entries a listing examines at most; then it returns a cursor to go on
 TIMEOUT_S = 1.0
+# The loop's client: connections at most, shared by every coroutine of the process. A burst of
+# callers beyond that waits (up to the timeout) for a connection to come free instead of failing:
+# redis-py's plain pool refuses the 101st concurrent command at once (MaxConnectionsError), which
+# turned 900 of 1,000 streams opening together into 503s.
+ASYNC_POOL_SIZE = 64
 
 
 def task_key(task_id: str) -> str:
@@ -313,7 +318,11 @@ class RedisStore:
 
     def _aclient(self) -> aredis.Redis:
         if self._async is None:
-            self._async = aredis.Redis.from_url(self.url, decode_responses=True, **self._options(asynchronous=True))
+            pool = aredis.BlockingConnectionPool.from_url(
+                self.url, decode_responses=True, max_connections=ASYNC_POOL_SIZE, timeout=self._timeout,
+                **self._options(asynchronous=True),
+            )
+            self._async = aredis.Redis(connection_pool=pool)
             self._commit_async = self._async.register_script(_COMMIT)
             self._lead_async = self._async.register_script(_LEAD)
         return self._async
@@ -715,7 +724,7 @@ class RedisStore:
             except (RedisError, OSError):
                 logger.warning("could not drop the job pool's heartbeat key")
         if self._async is not None:
-            await self._async.aclose()
+            await self._async.aclose(close_connection_pool=True)
         await _in_thread(self.close)
 
 
