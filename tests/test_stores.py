@@ -359,6 +359,13 @@ def test_safe_from_many_threads(store):
 
 @pytest.mark.anyio
 async def test_async_twins_agree_with_the_sync_methods(store):
+    try:
+        await _async_twins(store)
+    finally:
+        await store.aclose()  # the loop's client goes with this test's loop (the fixture closes the rest)
+
+
+async def _async_twins(store) -> None:
     task = make(1)
     await store.acommit(task, None, body_of(task))
     with pytest.raises(Conflict):
