@@ -744,8 +744,8 @@ class SqliteStore(LocalStore):
                     if frames - before <= _TAIL_FRAMES:
                         break  # what the writer appended during the last round: little
                 self._wal_frames = frames
-                if not busy and frames >= _RESTART_FRAMES and frames - copied <= _TAIL_FRAMES:
-                    self._tail_ready = True
+                if not busy and (frames >= _WAL_CAP_FRAMES or (frames >= _RESTART_FRAMES and frames - copied <= _TAIL_FRAMES)):
+                    self._tail_ready = True  # the writer copies the rest; no copy of ours races it meanwhile
         finally:
             db.close()
 
