@@ -295,6 +295,7 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
         app._started = False
         app._stopped = True
         bus.close()  # the lifespan shutdown (what a server that sends it before draining relies on)
+        manager.stop_holds()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

@@ -301,6 +301,15 @@ class TaskManager:
     def close(self) -> None:
         self._store.close()
 
+    def stop_holds(self) -> None:
+        """At shutdown (loop thread): the hold timers go; what they held is not published (the bus
+        is closing, the streams end)."""
+        for timer in self._hold_timers.values():
+            timer.cancel()
+        self._hold_timers.clear()
+        self._hold_waits.clear()
+        self._held.clear()
+
     # -- reads ---------------------------------------------------------------------------------
     def get_task(self, task_id: str) -> Task | None:
         return self._store.get(task_id)

@@ -868,3 +868,14 @@ async def test_redis_unsaturated_changes_reach_the_bus_when_their_chain_returns(
             assert [event.version for event in subscriber.take()] == [version]
             assert task_id not in manager._held
         assert manager.holds_timed_out == 0
+
+
+@pytest.mark.anyio
+async def test_redis_saturated_holds_stop_with_the_app(redis_url, monkeypatch):
+    """At shutdown the hold timers are cancelled, not left to fire on a closing bus."""
+    async with _watched_redis_task(redis_url, monkeypatch, hold_s=30) as (manager, task_id, subscriber):
+        assert await _chain(manager, task_id, 10) == 3
+        timer = manager._hold_timers[task_id]
+        manager.stop_holds()
+        assert timer.cancelled()
+        assert not manager._held and not manager._hold_timers and manager.holds_timed_out == 0
