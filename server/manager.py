@@ -766,10 +766,13 @@ class TaskManager:
             self._hold_waits.add(task_id)
         self._arm(task_id)
 
-    def _arm(self, task_id: str) -> None:
+    def _disarm(self, task_id: str) -> None:
         timer = self._hold_timers.pop(task_id, None)
         if timer is not None:
             timer.cancel()
+
+    def _arm(self, task_id: str) -> None:
+        self._disarm(task_id)
         self._hold_timers[task_id] = asyncio.get_running_loop().call_later(_HOLD_S, self._hold_expired, task_id)
 
     def _hold_expired(self, task_id: str) -> None:
@@ -800,9 +803,7 @@ class TaskManager:
 
     def _release(self, task_id: str) -> None:
         self._hold_waits.discard(task_id)
-        timer = self._hold_timers.pop(task_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._disarm(task_id)
         for item in self._held.pop(task_id, ()):
             if item[0] == "own":
                 self._publish_own(task_id, item[1], item[2])

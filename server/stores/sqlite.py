@@ -299,7 +299,7 @@ class SqliteStore(LocalStore):
         self._next_due = float("inf")  # no deferred row is due before this (writer only)
         self._commits = 0  # group commits so far (the checkpointer looks whether there were new ones)
         self._wal_frames = 0  # frames in the WAL at the checkpointer's last look
-        self._tail_ready = False  # the checkpointer copied nearly all of a big WAL: the writer finishes it
+        self._tail_ready = False  # the writer is to finish the copy (a big WAL nearly copied, or the cap)
         self._stop = threading.Event()
         for body, internal in self._db.execute(
             "SELECT body, internal FROM tasks WHERE status IN ('pending', 'processing')"
@@ -744,7 +744,8 @@ class SqliteStore(LocalStore):
                     if frames - before <= _TAIL_FRAMES:
                         break  # what the writer appended during the last round: little
                 self._wal_frames = frames
-                if not busy and (frames >= _WAL_CAP_FRAMES or (frames >= _RESTART_FRAMES and frames - copied <= _TAIL_FRAMES)):
+                nearly_all = frames >= _RESTART_FRAMES and frames - copied <= _TAIL_FRAMES
+                if not busy and (nearly_all or frames >= _WAL_CAP_FRAMES):
                     self._tail_ready = True  # the writer copies the rest; no copy of ours races it meanwhile
         finally:
             db.close()
