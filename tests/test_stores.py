@@ -446,6 +446,39 @@ async def test_sqlite_a_burst_of_changes_keeps_every_held_version_and_catches_ev
         store.close()
 
 
+@pytest.mark.anyio
+async def test_sqlite_a_listing_shows_a_change_whose_row_still_lags(tmp_path, monkeypatch):
+    """A change of progress/message alone is written to the event log at once and to the task's
+    row up to ROW_LAG_S later: meanwhile the listing and the search still answer with it."""
+    import sqlite3
+
+    from server.stores import sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "ROW_LAG_S", 2.0)  # long enough to look while it lags
+    path = tmp_path / "t.db"
+    store = SqliteStore(path)
+    rows = sqlite3.connect(path)
+    try:
+        task = put(store, make(1, status=TaskStatus.PROCESSING, message="start"))
+        newer = replace(task, version=task.version + 1, updated_at=task.updated_at + timedelta(seconds=1),
+                        progress=60, message="sixty rows")
+        await store.commit(newer, task.version, body_of(newer)).done()  # its event is on disk now
+        row_version = rows.execute("SELECT version FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()[0]
+        listed = store.list(TaskQuery()).tasks
+        found = store.list(TaskQuery(q="sixty")).tasks
+        assert [(t.version, t.message) for t in listed] == [(newer.version, "sixty rows")]
+        assert [t.task_id for t in found] == [task.task_id]
+        assert row_version == task.version  # (the row did lag while those were read)
+        with anyio.fail_after(10):  # and is written once its lag is up; the listing says the same
+            while rows.execute("SELECT version FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()[0] != newer.version:
+                await anyio.sleep(0.01)
+        assert [(t.version, t.message) for t in store.list(TaskQuery()).tasks] == [(newer.version, "sixty rows")]
+        assert store._unflushed == {}  # nothing is laid over the rows any more
+    finally:
+        rows.close()
+        store.close()
+
+
 def _write_steadily(path: Path, after_each) -> None:
     """3,000 changes of ~4 KiB to one task back to back (a WAL that never started over would reach
     ~90 MiB), calling ``after_each()`` after every one; then the newest is stored and survives a reopen."""

@@ -276,7 +276,7 @@ class SqliteStore(LocalStore):
         self._lockfile = self._take_process_lock()
         self._lock = threading.Lock()  # guards _latest, _pending_events, _queue, _group
         self._latest: dict[str, Task] = {}  # live tasks, and every change not yet written
-        self._unflushed: dict[str, int] = {}  # task id -> version not yet written
+        self._unflushed: dict[str, int] = {}  # task id -> version not yet written (its event, or its row)
         self._pending_events: dict[str, list[tuple[int, str]]] = {}
         self._queue: deque[tuple[str, Any, Any]] = deque()
         self._group = _Group()
@@ -525,16 +525,22 @@ class SqliteStore(LocalStore):
             ))
         return out
 
-    def _write_rows(self, db: sqlite3.Connection, now: float) -> None:
-        """The due deferred rows (see _due_rows), each chunk its own autocommit UPDATE: a row only
-        saves a restart the replay of its task's log (``_catch_up_rows``), it holds no change."""
-        rows = self._due_rows(now, self._closing)
+    def _write_rows(self, db: sqlite3.Connection, now: float, every: bool = False) -> None:
+        """The due deferred rows (see _due_rows; ``every``: all of them), each chunk its own
+        autocommit UPDATE: a row only saves a restart the replay of its task's log
+        (``_catch_up_rows``), it holds no change."""
+        rows = self._due_rows(now, self._closing or every)
         for start in range(0, len(rows), _ROWS_CHUNK):
             chunk = rows[start : start + _ROWS_CHUNK]
             try:
                 db.execute(_ROWS_SQL[len(chunk)], [x for row in chunk for x in row])
-            except sqlite3.Error:
+            except sqlite3.Error:  # the changes stay laid over the old rows (``list``)
                 logger.exception("sqlite: writing lagging rows failed", extra={"rows": len(chunk)})
+                continue
+            with self._lock:
+                for row in chunk:
+                    if self._unflushed.get(row[0]) == row[3]:
+                        del self._unflushed[row[0]]
 
     def _events(self, puts: list[tuple[Task, str]], now: float, rows: list[tuple[Any, ...]]) -> list[Any]:
         """A run of changes as the parameters of the events INSERT (task_id, version, body per
@@ -629,6 +635,10 @@ class SqliteStore(LocalStore):
                     self._group = _Group()
             error: BaseException | None = None
             touched: dict[str, int] = {}
+            rows_now = False  # a flush asked for every lagging row too (it waits on this group)
+            if any(op == "rows" for op, _item, _body in batch):
+                batch = [entry for entry in batch if entry[0] != "rows"]
+                rows_now = True
             try:
                 self._write_group(db, batch, touched)
             except BaseException as exc:  # a failed group: every waiter hears it; the loop goes on
@@ -642,22 +652,27 @@ class SqliteStore(LocalStore):
             if batch:
                 if self._history_bytes is not None and error is None:
                     self._trim_bytes(db, batch)  # before its waiters hear back: they read it trimmed
-                self._settle(batch, touched, group, error)
-            self._write_rows(db, time.monotonic())
+                self._settle(batch, touched, None if rows_now else group, error)
+            self._write_rows(db, time.monotonic(), rows_now)
+            if rows_now and group is not self._group:
+                group.resolve(error)
             if self._tail_ready or self._wal_frames >= _WAL_CAP_FRAMES:
                 busy, _frames, _copied = self._checkpoint(db)
                 if not busy:  # (busy: the checkpointer's copy is running; after the next group, then)
                     self._tail_ready = False
                     self._wal_frames = 0
 
-    def _settle(self, batch: list[tuple[str, Any, Any]], touched: dict[str, int], group: _Group, error: BaseException | None) -> None:
-        """After a group's transaction: drop what is on disk now from memory, then tell its waiters."""
+    def _settle(self, batch: list[tuple[str, Any, Any]], touched: dict[str, int], group: _Group | None, error: BaseException | None) -> None:
+        """After a group's transaction: drop what is on disk now from memory, then tell its waiters
+        (``group`` None: the caller tells them later)."""
         self._commits += 1
         with self._lock:
             for task_id, version in touched.items():
                 if self._unflushed.get(task_id) == version:
-                    del self._unflushed[task_id]
                     self._pending_events.pop(task_id, None)
+                    if task_id in self._deferred:
+                        continue  # its row lags (ROW_LAG_S): listings lay the change over it until written
+                    del self._unflushed[task_id]
                     latest = self._latest.get(task_id)
                     if latest is not None and latest.is_terminal:
                         del self._latest[task_id]  # on disk now; finished tasks are read from there
@@ -671,7 +686,7 @@ class SqliteStore(LocalStore):
                         latest = self._latest.get(task.task_id)
                         if latest is not None and latest.version == task.version:
                             del self._latest[task.task_id]
-        if group is not self._group:
+        if group is not None and group is not self._group:
             group.resolve(error)
 
     def _trim_bytes(self, db: sqlite3.Connection, batch: list[tuple[str, Any, Any]]) -> None:
@@ -998,11 +1013,14 @@ class SqliteStore(LocalStore):
         return [_task(*row) for row in rows]
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything committed so far is written."""
+        """Wait until everything committed so far is written, the lagging rows too."""
         with self._lock:
-            group = self._group if self._queue else None
-        if group is not None:
-            group.wait(timeout)
+            if not self._queue and not self._unflushed:
+                return
+            self._queue.append(("rows", None, None))
+            group = self._group
+            self._wake.notify()
+        group.wait(timeout)
 
     def close(self) -> None:
         with self._lock:
