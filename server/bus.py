@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from time import monotonic as _monotonic
 from collections import deque
@@ -36,6 +37,19 @@ from .wire import encode_json
 __all__ = ["Event", "EventBus", "Subscriber", "encode_json", "removed_frame"]
 
 logger = logging.getLogger(__name__)
+
+
+def yield_on_wake() -> None:
+    """For a thread that only hands work on (a waker): waking it does not switch to it at once.
+
+    Without this, Linux runs a woken thread ahead of the one that woke it, and on the same core it
+    is the caller who waits: for the switch there and back, while the woken thread, needing the GIL
+    the caller holds, can do nothing yet. ``SCHED_BATCH`` keeps the thread's share of the CPU and
+    only drops that preemption on wake-up: the thread runs when the caller waits or yields the GIL."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed: plain scheduling
+        pass
 
 BATCH_WINDOW_S = 0.02  # events closer together than this: each flush waits one more poll, batching
 
@@ -290,6 +304,7 @@ class EventBus:
                 self._waker.start()
 
     def _run_waker(self) -> None:
+        yield_on_wake()
         while True:
             self._wake.wait()
             self._wake.clear()
