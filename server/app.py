@@ -300,6 +300,7 @@ async def _lifespan(app: TaskmonApp) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await anyio.to_thread.run_sync(jobs.shutdown)
+        await anyio.to_thread.run_sync(manager.stop_reports)  # the jobs' last reports, before the store closes
         graph.close()
         await store.aclose()
         logger.info("taskmon stopped")

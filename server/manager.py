@@ -9,25 +9,31 @@ gets ``Conflict``, is recomputed from the new snapshot and either applies or fai
 and events reach every process's bus from the store's one ordered stream.
 
 Two faces: plain methods for job threads and other processes (``update_task`` costs the caller no
-store I/O on memory/sqlite: the write happens in the store's writer), and ``a``-prefixed coroutines
-for the routes, which never block the event loop and return once the change is durable.
+store I/O on memory/sqlite: the write happens in the store's writer, and a progress report is only
+checked and queued, see ``_report``), and ``a``-prefixed coroutines for the routes, which never
+block the event loop and return once the change is durable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import operator
 import threading
 import uuid
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from time import time as _epoch
 from typing import Any
 
-from .bus import Event, EventBus, Subscriber, encode_json, removed_frame
+from .bus import Event, EventBus, Subscriber, encode_json, removed_frame, yield_on_wake
+from .wire import encode_chunks
 from .models import (
     RATE_WINDOW,
     TRANSITIONS,
@@ -79,6 +85,11 @@ _SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread
 # shared store, saturated fan-out: how long a watched task's events wait for its next chain (see _publish_shared)
 _HOLD_S = 0.005
 _PUBLISHED_MAX = 10_000  # shared store: tasks whose last published version is remembered (see _publish_shared)
+# memory/sqlite: progress reports from job threads queued for the reporter (see ``_report``); past
+# this many the caller applies them itself (backpressure: a flooding job pays for its own reports)
+_REPORTS_MAX = 1024
+_REPORT_DETAIL = 16 * 1024  # characters: a detail this short is under its byte limit whatever it holds
+_PROCESSING = TaskStatus.PROCESSING
 
 
 class FieldTooLarge(ValueError):
@@ -252,6 +263,18 @@ class TaskManager:
         self._pending: dict[str, list[list[Any]]] = {}  # shared store: task id -> changes waiting for the next chain
         self._chain_base: dict[str, Task] = {}  # shared store: the last chain's snapshot, while more wait
         self._sync_base: dict[str, Task] = {}  # shared store: the thread path's last commits (under _lock)
+        # memory/sqlite: job threads' progress reports, accepted and waiting to be applied in order
+        # (under _lock; None on the shared store and once stopped); see ``_report``
+        self._reports: deque[tuple[str, int | None, str | None, str | None, datetime | float]] | None = (
+            None if self._shared else deque()
+        )
+        self._reporter: threading.Thread | None = None
+        self._report_wake = threading.Lock()  # released: reports are waiting for the reporter
+        self._report_wake.acquire()
+        # the store's live snapshots (memory, sqlite: a dict it keeps current under our lock), read
+        # by the report path; a store without one takes every report through the general path
+        self._live: dict[str, Task] | None = None if self._shared else getattr(store, "live_tasks", None)
+        self.reports_dropped = 0  # accepted reports that could not be applied (logged; never expected)
         # shared store, loop thread only: the last version of each task handed to the local bus, by this
         # process's own commits (at once) or by the reader (every process's); see ``_publish_shared``
         self._published: dict[str, int] = {}
@@ -273,6 +296,9 @@ class TaskManager:
 
     @property
     def store(self) -> TaskStore:
+        """The store, holding every change accepted so far (queued progress reports are applied first)."""
+        if self._reports:
+            self._settle()
         return self._store
 
     @property
@@ -299,7 +325,20 @@ class TaskManager:
         return manager
 
     def close(self) -> None:
+        self.stop_reports()
         self._store.close()
+
+    def stop_reports(self) -> None:
+        """At shutdown: the queued progress reports are applied now, later ones are applied by their
+        callers (``update_task`` takes its general path) and the reporter thread ends."""
+        with self._lock:
+            reports, self._reports = self._reports, None
+            if reports:
+                self._apply_reports(reports)
+        thread, self._reporter = self._reporter, None
+        if thread is not None:
+            _release(self._report_wake)
+            thread.join(timeout=5)
 
     def stop_holds(self) -> None:
         """At shutdown (loop thread): the hold timers go; what they held is not published (the bus
@@ -311,10 +350,16 @@ class TaskManager:
         self._held.clear()
 
     # -- reads ---------------------------------------------------------------------------------
+    # Every read first applies the progress reports accepted before it (``_report``): what a job
+    # has reported is what anyone reads next, from any thread.
     def get_task(self, task_id: str) -> Task | None:
+        if self._reports:  # read after every accepted change
+            self._settle()
         return self._store.get(task_id)
 
     async def aget_task(self, task_id: str) -> Task | None:
+        if self._reports:  # read after every accepted change
+            self._settle()
         return await self._store.aget(task_id)
 
     async def aexists(self, task_id: str) -> bool:
@@ -353,12 +398,18 @@ class TaskManager:
             statuses=frozenset({parse_status(status)}) if status is not None else None,
             limit=parse_limit(limit) if limit is not None else None,
         )
+        if self._reports:  # read after every accepted change
+            self._settle()
         return self._store.list(query).tasks
 
     def list_page(self, query: TaskQuery) -> Page:
+        if self._reports:  # read after every accepted change
+            self._settle()
         return self._store.list(query)
 
     async def alist(self, query: TaskQuery) -> Page:
+        if self._reports:  # read after every accepted change
+            self._settle()
         return await self._store.alist(query)
 
     def count_by_status(self, query: TaskQuery | None = None) -> dict[TaskStatus, int]:
@@ -369,6 +420,8 @@ class TaskManager:
         return await self._store.acounts(replace(query, statuses=None) if query else TaskQuery())
 
     async def aevents(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        if self._reports:  # read after every accepted change
+            self._settle()
         return await self._store.aevents(task_id, after, limit)
 
     # -- computing a change (pure) ----------------------------------------------------------------
@@ -392,8 +445,11 @@ class TaskManager:
             samples=((_ts(now), 0),),
         )
 
-    def _plan(self, current: Task | None, task_id: str, fields: dict[str, Any]) -> tuple[Task, str]:
-        """The next snapshot of ``current`` with ``fields`` applied, and its wire JSON."""
+    def _plan(
+        self, current: Task | None, task_id: str, fields: dict[str, Any], at: datetime | None = None
+    ) -> tuple[Task, str]:
+        """The next snapshot of ``current`` with ``fields`` applied (``at``: when the change was
+        made, if not now), and its wire JSON."""
         if current is None:
             raise TaskNotFoundError(task_id)
         if current.is_terminal:
@@ -405,7 +461,7 @@ class TaskManager:
         if target is TaskStatus.COMPLETED and "progress" not in fields:
             fields["progress"] = 100
         # every change moves updated_at, even two within one clock tick or after a clock step back
-        now = max(self._clock(), current.updated_at + _TICK)
+        now = max(at or self._clock(), current.updated_at + _TICK)
         progress = fields.get("progress", current.progress)
         terminal = target.is_terminal
         if target is TaskStatus.PROCESSING and current.status is not TaskStatus.PROCESSING:
@@ -447,6 +503,8 @@ class TaskManager:
         task = self._new_task(task_type, metadata, lease_s, owned)
         body = encode_task(task)
         with self._lock:
+            if self._reports:  # accepted before this change: applied before it
+                self._apply_reports(self._reports)
             ack = self._store.commit(task, None, body)
             self._publish_local(task, body)
         ack.wait()
@@ -463,6 +521,8 @@ class TaskManager:
     ) -> Task:
         for attempt in range(_RETRIES):
             with self._lock:
+                if self._reports:  # accepted before this change: applied before it
+                    self._apply_reports(self._reports)
                 # shared store: this thread's last commit of the task saves a read (a stale one conflicts)
                 current = self._sync_base.pop(task_id, None) if self._shared and attempt == 0 else None
                 if current is None:
@@ -496,13 +556,22 @@ class TaskManager:
         progress_detail: dict[str, Any] | None = None,
         result: dict[str, Any] | None = None,
         error: str | None = None,
-    ) -> Task:
+    ) -> None:
         """Change the given fields (None leaves a field as it is), as the original TaskManager did.
 
         Raises TaskNotFoundError, ValueError (bad value, or nothing given), TaskStateError (terminal
         task, illegal transition) or TaskCancelled (a cancel was requested: stop, and fail the task
         with ``fail_task(id, "cancelled")``); in every case nothing changes. Returns once the change
-        is committed in memory and published; it is written to disk by the store's writer."""
+        is accepted, in order after every change before it: every read (``get_task``, the routes, the
+        streams) sees it from then on. A progress report (progress / message / progress_detail of a
+        processing task) is applied and published by the reporter within a loop turn, so the job
+        thread pays only for the checks; a status change is applied before the call returns. Either
+        way the store's writer puts it on disk. Read the new snapshot back with ``get_task``."""
+        # A progress report (memory/sqlite) is checked here and queued for the reporter (below); a
+        # value these checks do not accept outright takes the general path after them.
+        if (result is None and error is None and (status is None or status == "processing")
+                and self._live is not None and self._report(task_id, progress, message, progress_detail)):
+            return
         given = {
             "status": status,
             "progress": progress,
@@ -513,7 +582,100 @@ class TaskManager:
         }
         fields = validate_changes({k: v for k, v in given.items() if v is not None})
         terminal = fields.get("status") in (TaskStatus.COMPLETED, TaskStatus.FAILED)
-        return self._change(task_id, fields, cancel_check=not terminal)
+        self._change(task_id, fields, cancel_check=not terminal)
+
+    # A progress report from a job thread (memory/sqlite) is checked here and queued; the reporter
+    # plans, commits and publishes it later, in order: on the event loop when one runs the bus, else on
+    # its own thread. Every other change, and every read, applies the queued reports first (under the
+    # lock), so none is overtaken and none is unseen. The checks are the cheap, exact half of
+    # ``validate_changes``: a value they do not accept outright (an int subclass, a long or nested
+    # detail, a task that is not processing...) takes the general path, which accepts or raises.
+    # The detail is kept as the JSON it was checked as, so the caller may reuse its dict at once.
+    # (This runs on every report a job makes: after the job's pause between two reports each line
+    # costs several times what it costs warm, so there are few of them.)
+    def _report(self, task_id: str, progress: Any, message: Any, detail: Any) -> bool:
+        """True when the report is queued; False: the general path decides."""
+        if progress is not None and (type(progress) is not int or not 0 <= progress <= 100):
+            return False
+        if message is not None and (type(message) is not str or len(message) > MAX_TEXT):
+            return False
+        if detail is not None:
+            if type(detail) is not dict:
+                return False
+            try:
+                detail = "".join(encode_chunks(detail, 0))
+            except (TypeError, ValueError, RecursionError):
+                return False
+            if len(detail) > _REPORT_DETAIL or detail.count("{") + detail.count("[") > MAX_DEPTH:
+                return False
+        elif progress is None and message is None:
+            return False
+        clock = self._clock  # the real clock's time as the epoch float it reads (cheaper than a datetime)
+        at = _epoch() if clock is utcnow else clock()
+        with self._lock:
+            reports = self._reports
+            current = self._live.get(task_id)  # type: ignore[union-attr]
+            if reports is None or current is None or current.status is not _PROCESSING or len(reports) >= _REPORTS_MAX:
+                return False
+            if current.cancel_requested:
+                raise TaskCancelled(task_id)
+            reports.append((task_id, progress, message, detail, at))
+            if len(reports) == 1:
+                if self._reporter is None:
+                    self._start_reporter()
+                try:
+                    self._report_wake.release()
+                except RuntimeError:  # woken already
+                    pass
+        return True
+
+    def _start_reporter(self) -> None:
+        thread = threading.Thread(
+            target=_run_reporter, args=(weakref.ref(self), self._report_wake), name="taskmon-reporter", daemon=True
+        )
+        weakref.finalize(self, _release, self._report_wake)  # a manager never closed still ends it
+        self._reporter = thread
+        thread.start()
+
+    def _hand_reports(self) -> None:
+        """The reporter's turn: the loop running the bus applies the queued reports (their events
+        go straight to the fan-out), or, with no loop, this thread does."""
+        loop = self._bus.loop if self._bus is not None else None
+        if loop is not None and loop.is_running():
+            try:
+                loop.call_soon_threadsafe(self._settle)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply the queued reports now."""
+        with self._lock:
+            if self._reports:
+                self._apply_reports(self._reports)
+
+    def _apply_reports(self, reports: deque[Any]) -> None:
+        """Under the lock: every queued report, in order."""
+        while reports:
+            task_id, progress, message, detail, at = reports.popleft()
+            fields: dict[str, Any] = {}
+            if progress is not None:
+                fields["progress"] = progress
+            if message is not None:
+                fields["message"] = message
+            if detail is not None:
+                fields["progress_detail"] = json.loads(detail)
+            try:
+                current = self._store.cached(task_id)  # type: ignore[attr-defined]
+                when = datetime.fromtimestamp(at, UTC) if type(at) is float else at
+                task, body = self._plan(current or None, task_id, fields, when)
+                self._store.commit(task, current.version, body)
+            except Exception:  # the checks made it applicable, and every change since applied first
+                self.reports_dropped += 1
+                logger.exception("a progress report could not be applied", extra={"task_id": task_id})
+                continue
+            self._publish_local(task, body)
 
     def patch_task(self, task_id: str, changes: Mapping[str, Any]) -> Task:
         """The producer API's PATCH from a thread (the route uses ``apatch``)."""
@@ -539,6 +701,8 @@ class TaskManager:
             self._publish_shared(task.task_id, None, [(task, body)])
             return task, body
         with self._lock:
+            if self._reports:  # accepted before this change: applied before it
+                self._apply_reports(self._reports)
             ack = self._store.commit(task, None, body)
             self._publish_local(task, body)
         await ack.done()
@@ -672,6 +836,8 @@ class TaskManager:
             if current is False:
                 self._plan(await self._store.aget(task_id), task_id, fields)  # raises: not live
             with self._lock:
+                if self._reports:  # accepted before this change: applied before it
+                    self._apply_reports(self._reports)
                 current = self._store.cached(task_id)  # type: ignore[attr-defined]
                 if current is False:
                     continue  # finished meanwhile: the next round says so
@@ -706,6 +872,8 @@ class TaskManager:
         """memory/sqlite: the change applied to the live snapshot held in memory, under the lock;
         None when the task is not held (finished, gone, or unknown: ``_achange`` says which)."""
         with self._lock:
+            if self._reports:  # accepted before this change: applied before it
+                self._apply_reports(self._reports)
             current = self._store.cached(task_id)  # type: ignore[attr-defined]
             if not current:
                 return None
@@ -949,6 +1117,8 @@ class TaskManager:
         if not self._store.try_lead("retention", 60.0):
             return []  # another process sweeps now (each removal is announced once, by the store)
         with self._lock:
+            if self._reports:  # accepted before this change: applied before it
+                self._apply_reports(self._reports)
             removed = self._store.remove(self._store.terminal_before(cutoff))
             if self._bus is not None and not self._shared:
                 for task in removed:
@@ -960,6 +1130,8 @@ class TaskManager:
         while True:
             await asyncio.sleep(interval_s)
             try:
+                if self._reports:
+                    self._settle()
                 live = await self._store.alive()  # type: ignore[attr-defined]
                 self.mark_stale(live)
                 await sweep()
@@ -975,6 +1147,8 @@ class TaskManager:
         bus = self.bus
         subscriber = bus.subscribe(task_id)
         try:
+            if self._reports:  # read after every accepted change
+                self._settle()
             task = await self._store.aget(task_id)
             if task is None:
                 raise TaskNotFoundError(task_id)
@@ -1014,6 +1188,8 @@ class TaskManager:
         bus = self.bus
         subscriber = bus.subscribe(None)
         try:
+            if self._reports:  # read after every accepted change
+                self._settle()
             first = query if query.limit is not None else replace(query, limit=self.snapshot_page)
             async with self._opening_reads:
                 page = await self._store.alist(first)
@@ -1244,3 +1420,26 @@ class AllTasksSubscription:
             self._visible.discard(task_id)
             return removed_frame(task_id)
         return None
+
+
+def _release(wake: Any) -> None:
+    """Wake the reporter (already woken: nothing to do)."""
+    try:
+        wake.release()
+    except RuntimeError:
+        pass
+
+
+def _run_reporter(ref: weakref.ref[TaskManager], wake: Any) -> None:
+    """The reporter thread: one turn per burst of reports; ends with its manager."""
+    yield_on_wake()
+    while True:
+        wake.acquire()
+        manager = ref()
+        if manager is None or manager._reporter is not threading.current_thread():
+            return
+        try:
+            manager._hand_reports()
+        except Exception:
+            logger.exception("the reporter failed; the queued reports wait for the next change or read")
+        del manager

@@ -11,7 +11,7 @@ import json
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-__all__ = ["encode_json", "encode_str"]
+__all__ = ["encode_chunks", "encode_json", "encode_str"]
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -23,5 +23,11 @@ if c_make_encoder is not None:
     def encode_json(value: Any) -> str:
         return "".join(_C_ENCODE(value, 0))
 
+    # ``"".join(encode_chunks(value, 0)) == encode_json(value)``, one Python call fewer (the report path)
+    encode_chunks = _C_ENCODE
+
 else:  # pragma: no cover - an interpreter without the C accelerator
     encode_json = _ENCODER.encode
+
+    def encode_chunks(value: Any, _level: int) -> tuple[str]:
+        return (_ENCODER.encode(value),)

@@ -72,6 +72,14 @@ def require_tool(path_or_name: str, why: str) -> str:
     pytest.skip(message)
 
 
+def updated(manager: Any, task_id: str, **fields: Any) -> Any:
+    """``update_task`` (it returns nothing, as MiroFish's did), then the snapshot it made."""
+    manager.update_task(task_id, **fields)
+    task = manager.get_task(task_id)
+    assert task is not None
+    return task
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import TASK_KEYS, FakeClock, running
+from conftest import TASK_KEYS, FakeClock, running, updated
 from httpx_sse import aconnect_sse
 
 from server.app import create_app
@@ -146,7 +146,7 @@ async def test_a_cancelled_producer_may_still_finish_its_own_way():
     task = manager.create_task("import")
     manager.update_task(task.task_id, status="processing")
     manager.cancel_task(task.task_id)
-    done = manager.update_task(task.task_id, status="completed", result={"partial": False})
+    done = updated(manager, task.task_id, status="completed", result={"partial": False})
     assert done.status is TaskStatus.COMPLETED and done.cancel_requested is False
 
 

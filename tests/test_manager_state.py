@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from conftest import FakeClock
+from conftest import FakeClock, updated
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
@@ -142,7 +142,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def update(self, task_id: str, progress: int, message: str, status: TaskStatus | None) -> None:
         target = status or self.model[task_id].status
         change = {"progress": progress, "message": message}
-        call = lambda: self.manager.update_task(task_id, status=status, progress=progress, message=message)
+        call = lambda: updated(self.manager, task_id, status=status, progress=progress, message=message)
         self._apply(task_id, change, target, call, cancel_check=not target.is_terminal)
 
     @rule(task_id=tasks)

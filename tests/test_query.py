@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 from httpx_sse import ServerSentEvent
+from conftest import updated
 from test_api import assert_error, create
 from test_streams import collect, serving
 
@@ -104,7 +105,7 @@ async def test_filtered_stream_opens_with_a_page_counts_and_cursor(live_server, 
         live = []
         for i in range(5):
             task = manager.create_task("import_csv", {"i": i})
-            live.append(manager.update_task(task.task_id, status="processing"))
+            live.append(updated(manager, task.task_id, status="processing"))
         manager.create_task("import_csv")  # pending: counted, not listed
         events = await collect(http, "/tasks/stream?status=processing&limit=2", stop="snapshot")
         snapshot = json.loads(events[0].data)

@@ -412,7 +412,8 @@ from server.stores import redis as store_module
 store_module.OWNER_TTL_MS, store_module.OWNER_RENEW_S = 1000, 0.1  # a quick heartbeat for the test
 from server.manager import TaskManager
 manager = TaskManager.open(sys.argv[1])
-task = manager.update_task(manager.create_task("pool job", owned=True).task_id, status="processing")
+task = manager.create_task("pool job", owned=True)
+manager.update_task(task.task_id, status="processing")
 print(task.task_id, flush=True)
 sys.stdin.readline()  # "finish"
 manager.complete_task(task.task_id, {"by": "pool"})

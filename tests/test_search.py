@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, updated
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -122,13 +122,13 @@ def build(manager: TaskManager, clock: FakeClock, plans: list[tuple[int, int, in
         clock.advance(order.randint(0, 40))
         task = latest[task_id]
         if end in (1, 2, 3, 5):
-            task = manager.update_task(task_id, status="processing", progress=10, message=MESSAGES[msg_i] or None)
+            task = updated(manager, task_id, status="processing", progress=10, message=MESSAGES[msg_i] or None)
         if end == 2:
             task = manager.complete_task(task_id, {"rows": 1})
         elif end in (3, 4):
             task = manager.fail_task(task_id, "Boom: disk full")
         elif end == 5:
-            task = manager.update_task(task_id, progress=50, message="half way")
+            task = updated(manager, task_id, progress=50, message="half way")
         latest[task_id] = task
     return latest
 
@@ -194,7 +194,7 @@ def _populate(manager: TaskManager, clock: FakeClock, n: int) -> list[Task]:
         clock.advance(1)
         task = manager.create_task(TYPES[i % 2], {"i": i})
         if i % 3:
-            task = manager.update_task(task.task_id, status="processing", progress=i % 100)
+            task = updated(manager, task.task_id, status="processing", progress=i % 100)
         tasks.append(task)
     return tasks
 
@@ -215,7 +215,7 @@ def test_paging_by_creation_visits_each_matching_task_once_while_tasks_change(ba
             manager.update_task(task.task_id, progress=rng.randint(0, 99), message=f"now {rng.random()}")
         clock.advance(1)
         new = manager.create_task("import_csv")
-        created.append(manager.update_task(new.task_id, status="processing"))
+        created.append(updated(manager, new.task_id, status="processing"))
 
     seen = [t.task_id for t in walk(store.list, query, meanwhile)]
     assert len(seen) == len(set(seen)), "a task came twice"

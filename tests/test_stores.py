@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from conftest import free_port, running
+from conftest import free_port, running, updated
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -545,9 +545,9 @@ async def test_sqlite_restart_keeps_a_producers_task_alive_and_fails_only_the_jo
         manager.update_task(done.task_id, status="processing", progress=50)
         manager.complete_task(done.task_id, {"graph_id": "g1"})
         job = manager.create_task("graph_build", owned=True)
-        job_before = manager.update_task(job.task_id, status="processing", progress=40)
+        job_before = updated(manager, job.task_id, status="processing", progress=40)
         producer = manager.create_task("import")
-        producer_before = manager.update_task(producer.task_id, status="processing", progress=30)
+        producer_before = updated(manager, producer.task_id, status="processing", progress=30)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
             done_json = (await http.get(f"/api/graph/task/{done.task_id}")).json()
 
@@ -571,7 +571,7 @@ async def test_a_second_process_on_the_same_file_refuses_and_changes_nothing(tmp
     async with running(create_app(settings)) as app:
         manager = app.state.manager
         job = manager.create_task("graph_build", owned=True)
-        job = manager.update_task(job.task_id, status="processing", progress=40)
+        job = updated(manager, job.task_id, status="processing", progress=40)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMON_")}
         done = await anyio.to_thread.run_sync(
             lambda: subprocess.run(
@@ -583,7 +583,7 @@ async def test_a_second_process_on_the_same_file_refuses_and_changes_nothing(tmp
         assert "in use by another taskmon process" in done.stderr and "redis://" in done.stderr
         assert "Traceback" not in done.stderr
         assert manager.get_task(job.task_id) == job  # still processing, same version
-        assert manager.update_task(job.task_id, progress=50).version == job.version + 1
+        assert updated(manager, job.task_id, progress=50).version == job.version + 1
 
 
 # -- redis only: races, the reader, faults ---------------------------------------------------------
@@ -596,7 +596,7 @@ def test_redis_racing_finishers_exactly_one_wins(redis_url):
     managers = [TaskManager(open_store(redis_url)) for _ in range(2)]
     try:
         task = managers[0].create_task("race")
-        task = managers[0].update_task(task.task_id, status="processing")
+        task = updated(managers[0], task.task_id, status="processing")
         barrier = threading.Barrier(2)
         outcomes: list[str] = []
 
@@ -713,9 +713,9 @@ def test_redis_sweep_fails_only_job_pool_tasks_whose_process_stopped_renewing(re
     try:
         with redis_py.Redis.from_url(redis_url) as client:
             client.set(OWNER_PREFIX + live_pool.owner, "1", px=60_000)  # this pool's process renews
-        running = live_pool.update_task(live_pool.create_task("job", owned=True).task_id, status="processing")
-        orphan = dead_pool.update_task(dead_pool.create_task("job", owned=True).task_id, status="processing")
-        producer = dead_pool.update_task(dead_pool.create_task("import").task_id, status="processing")
+        running = updated(live_pool, live_pool.create_task("job", owned=True).task_id, status="processing")
+        orphan = updated(dead_pool, dead_pool.create_task("job", owned=True).task_id, status="processing")
+        producer = updated(dead_pool, dead_pool.create_task("import").task_id, status="processing")
         out = sweeper.sweep()
         assert out["interrupted"] == [orphan.task_id]
         assert sweeper.get_task(orphan.task_id).status is TaskStatus.FAILED
@@ -733,9 +733,9 @@ def test_redis_a_thread_path_change_after_another_process_changed_the_task_appli
 
     a, b = TaskManager(open_store(redis_url)), TaskManager(open_store(redis_url))
     try:
-        task = a.update_task(a.create_task("job").task_id, status="processing", progress=10)
+        task = updated(a, a.create_task("job").task_id, status="processing", progress=10)
         b.update_task(task.task_id, message="from b")  # a's last snapshot is now stale
-        again = a.update_task(task.task_id, progress=20)
+        again = updated(a, task.task_id, progress=20)
         assert again.version == task.version + 2 and again.message == "from b" and again.progress == 20
         b.cancel_task(task.task_id)
         with pytest.raises(TaskCancelled):  # seen through the conflict, not missed from a stale copy

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import httpx
 import pytest
-from conftest import MIROFISH_KEYS, TASK_KEYS, V11_KEYS, FakeClock, running
+from conftest import MIROFISH_KEYS, TASK_KEYS, V11_KEYS, FakeClock, running, updated
 
 from server.app import create_app
 from server.bus import EventBus
@@ -47,11 +47,11 @@ async def test_started_and_finished_are_set_once_and_never_move(manager, clock):
     task = manager.create_task("import")
     assert task.started_at is None and task.finished_at is None
     clock.advance(7)
-    started = manager.update_task(task.task_id, status="processing", message="go")
+    started = updated(manager, task.task_id, status="processing", message="go")
     assert started.started_at == clock.now and started.finished_at is None
     for step in range(1, 6):
         clock.advance(3)
-        later = manager.update_task(task.task_id, progress=step * 10, status="processing")
+        later = updated(manager, task.task_id, progress=step * 10, status="processing")
         assert later.started_at == started.started_at  # staying in processing does not restart it
         assert later.finished_at is None
     clock.advance(4)
@@ -124,7 +124,7 @@ async def test_rate_and_eta_are_null_for_a_task_that_does_not_move(manager, cloc
     manager.update_task(task.task_id, status="processing")
     for step in range(RATE_WINDOW + 3):
         clock.advance(5)
-        now = manager.update_task(task.task_id, message=f"still working ({step})")
+        now = updated(manager, task.task_id, message=f"still working ({step})")
         assert now.rate is None and now.eta_s is None
 
 
@@ -134,7 +134,7 @@ async def test_rate_falls_to_null_once_progress_stops_for_a_whole_window(manager
     assert moving is not None and moving.rate is not None
     for _ in range(RATE_WINDOW):
         clock.advance(2)
-        still = manager.update_task(task_id, message="waiting on the backend")
+        still = updated(manager, task_id, message="waiting on the backend")
     assert still.rate is None and still.eta_s is None
 
 
@@ -181,13 +181,13 @@ async def test_a_quiet_task_becomes_stale_and_recovers_on_its_next_update(manage
     assert manager.mark_stale(manager.store.live()) == []
     assert one.take() == [] and every.take() == []
 
-    updated = manager.update_task(task.task_id, progress=20)
+    changed = updated(manager, task.task_id, progress=20)
     recovered = ("stale", {"task_id": task.task_id, "stale": False})
     for subscriber in (one, every):
         events = _kinds(subscriber)
         assert [k for k, _ in events] == ["stale", "task"]
         assert events[0] == recovered  # the recovery comes first, then the change itself
-        assert events[1][1]["version"] == updated.version and events[1][1]["stale"] is False
+        assert events[1][1]["version"] == changed.version and events[1][1]["stale"] is False
     assert manager.wire(manager.get_task(task.task_id))["stale"] is False
 
     clock.advance(301)  # and it can become stale again

@@ -23,6 +23,7 @@ class MemoryStore(LocalStore):
         self, history: int = 256, history_bytes: int = 8 * 1024 * 1024, total_bytes: int = 1024 * 1024 * 1024
     ) -> None:
         self._tasks: dict[str, Task] = {}
+        self.live_tasks = self._tasks  # read without the lock by TaskManager's report path (never rebound)
         self._logs: dict[str, deque[tuple[int, str]]] = {}
         self._log_bytes: dict[str, int] = {}
         self._history = history

@@ -276,6 +276,7 @@ class SqliteStore(LocalStore):
         self._lockfile = self._take_process_lock()
         self._lock = threading.Lock()  # guards _latest, _pending_events, _queue, _group
         self._latest: dict[str, Task] = {}  # live tasks, and every change not yet written
+        self.live_tasks = self._latest  # read without the lock by TaskManager's report path (never rebound)
         self._unflushed: dict[str, int] = {}  # task id -> version not yet written (its event, or its row)
         self._pending_events: dict[str, list[tuple[int, str]]] = {}
         self._queue: deque[tuple[str, Any, Any]] = deque()
