@@ -10,7 +10,7 @@ and events reach every process's bus from the store's one ordered stream.
 
 Two faces: plain methods for job threads and other processes (``update_task`` costs the caller no
 store I/O on memory/sqlite: the write happens in the store's writer, and a progress report is only
-checked and queued, see ``_report``), and ``a``-prefixed coroutines for the routes, which never
+checked and queued, see ``update_task``), and ``a``-prefixed coroutines for the routes, which never
 block the event loop and return once the change is durable.
 """
 
@@ -85,7 +85,7 @@ _SYNC_BASES = 1024  # shared store: last committed snapshots kept for the thread
 # shared store, saturated fan-out: how long a watched task's events wait for its next chain (see _publish_shared)
 _HOLD_S = 0.005
 _PUBLISHED_MAX = 10_000  # shared store: tasks whose last published version is remembered (see _publish_shared)
-# memory/sqlite: progress reports from job threads queued for the reporter (see ``_report``); past
+# memory/sqlite: progress reports from job threads queued for the reporter (see ``update_task``); past
 # this many the caller applies them itself (backpressure: a flooding job pays for its own reports)
 _REPORTS_MAX = 1024
 _REPORT_DETAIL = 16 * 1024  # characters: a detail this short is under its byte limit whatever it holds
@@ -264,7 +264,7 @@ class TaskManager:
         self._chain_base: dict[str, Task] = {}  # shared store: the last chain's snapshot, while more wait
         self._sync_base: dict[str, Task] = {}  # shared store: the thread path's last commits (under _lock)
         # memory/sqlite: job threads' progress reports, accepted and waiting to be applied in order
-        # (under _lock; None on the shared store and once stopped); see ``_report``
+        # (under _lock; None on the shared store and once stopped); see ``update_task``
         self._reports: deque[tuple[str, int | None, str | None, str | None, datetime | float]] | None = (
             None if self._shared else deque()
         )
@@ -350,7 +350,7 @@ class TaskManager:
         self._held.clear()
 
     # -- reads ---------------------------------------------------------------------------------
-    # Every read first applies the progress reports accepted before it (``_report``): what a job
+    # Every read first applies the progress reports accepted before it (see ``update_task``): what a job
     # has reported is what anyone reads next, from any thread.
     def get_task(self, task_id: str) -> Task | None:
         if self._reports:  # read after every accepted change
@@ -567,11 +567,41 @@ class TaskManager:
         processing task) is applied and published by the reporter within a loop turn, so the job
         thread pays only for the checks; a status change is applied before the call returns. Either
         way the store's writer puts it on disk. Read the new snapshot back with ``get_task``."""
-        # A progress report (memory/sqlite) is checked here and queued for the reporter (below); a
-        # value these checks do not accept outright takes the general path after them.
-        if (result is None and error is None and (status is None or status == "processing")
-                and self._live is not None and self._report(task_id, progress, message, progress_detail)):
-            return
+        # A progress report (memory/sqlite) is checked here and queued for the reporter: see below.
+        quick = (
+            result is None and error is None and (status is None or status == "processing")
+            and self._live is not None
+            and (progress is None or (type(progress) is int and 0 <= progress <= 100))
+            and (message is None or (type(message) is str and len(message) <= MAX_TEXT))
+            and (progress is not None or message is not None or progress_detail is not None)
+        )
+        detail = None
+        if quick and progress_detail is not None:
+            quick = type(progress_detail) is dict
+            if quick:
+                try:
+                    detail = "".join(encode_chunks(progress_detail, 0))
+                except (TypeError, ValueError, RecursionError):
+                    quick = False
+                else:
+                    quick = len(detail) <= _REPORT_DETAIL and detail.count("{") + detail.count("[") <= MAX_DEPTH
+        if quick:
+            clock = self._clock  # the real clock's time as the epoch float it reads (cheaper)
+            at = _epoch() if clock is utcnow else clock()
+            with self._lock:
+                reports, current = self._reports, self._live.get(task_id)  # type: ignore[union-attr]
+                if reports is not None and current is not None and current.status is _PROCESSING and len(reports) < _REPORTS_MAX:
+                    if current.cancel_requested:
+                        raise TaskCancelled(task_id)
+                    reports.append((task_id, progress, message, detail, at))
+                    if len(reports) == 1:  # the first of a burst wakes the reporter
+                        if self._reporter is None:
+                            self._start_reporter()
+                        try:
+                            self._report_wake.release()
+                        except RuntimeError:  # woken already
+                            pass
+                    return
         given = {
             "status": status,
             "progress": progress,
@@ -584,51 +614,16 @@ class TaskManager:
         terminal = fields.get("status") in (TaskStatus.COMPLETED, TaskStatus.FAILED)
         self._change(task_id, fields, cancel_check=not terminal)
 
-    # A progress report from a job thread (memory/sqlite) is checked here and queued; the reporter
-    # plans, commits and publishes it later, in order: on the event loop when one runs the bus, else on
-    # its own thread. Every other change, and every read, applies the queued reports first (under the
-    # lock), so none is overtaken and none is unseen. The checks are the cheap, exact half of
-    # ``validate_changes``: a value they do not accept outright (an int subclass, a long or nested
-    # detail, a task that is not processing...) takes the general path, which accepts or raises.
-    # The detail is kept as the JSON it was checked as, so the caller may reuse its dict at once.
-    # (This runs on every report a job makes: after the job's pause between two reports each line
-    # costs several times what it costs warm, so there are few of them.)
-    def _report(self, task_id: str, progress: Any, message: Any, detail: Any) -> bool:
-        """True when the report is queued; False: the general path decides."""
-        if progress is not None and (type(progress) is not int or not 0 <= progress <= 100):
-            return False
-        if message is not None and (type(message) is not str or len(message) > MAX_TEXT):
-            return False
-        if detail is not None:
-            if type(detail) is not dict:
-                return False
-            try:
-                detail = "".join(encode_chunks(detail, 0))
-            except (TypeError, ValueError, RecursionError):
-                return False
-            if len(detail) > _REPORT_DETAIL or detail.count("{") + detail.count("[") > MAX_DEPTH:
-                return False
-        elif progress is None and message is None:
-            return False
-        clock = self._clock  # the real clock's time as the epoch float it reads (cheaper than a datetime)
-        at = _epoch() if clock is utcnow else clock()
-        with self._lock:
-            reports = self._reports
-            current = self._live.get(task_id)  # type: ignore[union-attr]
-            if reports is None or current is None or current.status is not _PROCESSING or len(reports) >= _REPORTS_MAX:
-                return False
-            if current.cancel_requested:
-                raise TaskCancelled(task_id)
-            reports.append((task_id, progress, message, detail, at))
-            if len(reports) == 1:
-                if self._reporter is None:
-                    self._start_reporter()
-                try:
-                    self._report_wake.release()
-                except RuntimeError:  # woken already
-                    pass
-        return True
-
+    # A progress report from a job thread (memory/sqlite), above: the cheap, exact half of
+    # ``validate_changes`` (a value it does not take outright -- an int subclass, a long or deeply
+    # nested detail, a task that is not processing, a full queue -- goes on to the general path,
+    # which accepts or raises), then the report is queued under the lock. The reporter plans,
+    # commits and publishes it later, in order: on the event loop when one runs the bus, else on its
+    # own thread. Every other change, and every read, applies the queued reports first (under the
+    # lock), so none is overtaken and none is unseen. The detail is kept as the JSON it was checked
+    # as (the caller may reuse its dict at once) and the report keeps the time it was made. It is
+    # one function with few lines on purpose: it runs on every report a job makes, and after the
+    # job's pause between two reports every line costs several times what it costs warm.
     def _start_reporter(self) -> None:
         thread = threading.Thread(
             target=_run_reporter, args=(weakref.ref(self), self._report_wake), name="taskmon-reporter", daemon=True
