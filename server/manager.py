@@ -335,9 +335,10 @@ class TaskManager:
             reports, self._reports = self._reports, None
             if reports:
                 self._apply_reports(reports)
-        thread, self._reporter = self._reporter, None
+            thread, self._reporter = self._reporter, None
+            if thread is not None:
+                _release(self._report_wake)
         if thread is not None:
-            _release(self._report_wake)
             thread.join(timeout=5)
 
     def stop_holds(self) -> None:
@@ -598,8 +599,8 @@ class TaskManager:
                         if self._reporter is None:
                             self._start_reporter()
                         try:
-                            self._report_wake.release()
-                        except RuntimeError:  # woken already
+                            self._report_wake.release()  # (cheaper than _release's look first)
+                        except RuntimeError:  # woken already: a wake-up is pending, nothing to add
                             pass
                     return
         given = {
@@ -636,13 +637,13 @@ class TaskManager:
         """The reporter's turn: the loop running the bus applies the queued reports (their events
         go straight to the fan-out), or, with no loop, this thread does."""
         loop = self._bus.loop if self._bus is not None else None
-        if loop is not None and loop.is_running():
-            try:
-                loop.call_soon_threadsafe(self._settle)
-                return
-            except RuntimeError:  # closed meanwhile
-                pass
-        self._settle()
+        if loop is None or not loop.is_running():
+            self._settle()
+            return
+        try:
+            loop.call_soon_threadsafe(self._settle)
+        except RuntimeError:  # the loop closed meanwhile: this thread applies them
+            self._settle()
 
     def _settle(self) -> None:
         """Apply the queued reports now."""
@@ -1418,11 +1419,11 @@ class AllTasksSubscription:
 
 
 def _release(wake: Any) -> None:
-    """Wake the reporter (already woken: nothing to do)."""
-    try:
+    """Wake the reporter, unless it is woken already. Only the reporter locks ``wake`` again, and
+    every release is made under the manager's lock (or, by the finalizer, once no one else can), so
+    it cannot be unlocked between the look and the release."""
+    if wake.locked():
         wake.release()
-    except RuntimeError:
-        pass
 
 
 def _run_reporter(ref: weakref.ref[TaskManager], wake: Any) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import enum
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -55,12 +58,22 @@ class _HeldReporter:
         monkeypatch.setattr(TaskManager, "_hand_reports", held)
 
 
+@contextmanager
+def _held(monkeypatch: pytest.MonkeyPatch, store: Any = None, **options: Any) -> Iterator[tuple[TaskManager, _HeldReporter]]:
+    """A manager (with a bus: inside a running loop) whose reporter is held until the block ends."""
+    held = _HeldReporter(monkeypatch)
+    manager = TaskManager(store if store is not None else MemoryStore(), EventBus(), **options)
+    try:
+        yield manager, held
+    finally:
+        held.go.set()
+        manager.close()
+
+
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_a_report_is_queued_and_every_read_sees_it_at_once(kind, tmp_path, monkeypatch):
-    held = _HeldReporter(monkeypatch)
     store = _store(kind, tmp_path)
-    manager = TaskManager(store, EventBus())
-    try:
+    with _held(monkeypatch, store) as (manager, held):
         task_id = _processing(manager)
         manager.update_task(task_id, progress=40, message="m", progress_detail={"done": 4})
         assert len(manager._reports) == 1  # queued: the reporter has not run
@@ -74,16 +87,11 @@ async def test_a_report_is_queued_and_every_read_sees_it_at_once(kind, tmp_path,
         assert [t.progress for t in manager.list_tasks()] == [42]
         manager.update_task(task_id, progress=43)
         assert [v for v, _ in await manager.aevents(task_id, 3, 10)] == [4, 5, 6]
-    finally:
-        held.go.set()
-        manager.close()
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_no_change_overtakes_a_queued_report(kind, tmp_path, monkeypatch):
-    held = _HeldReporter(monkeypatch)
-    manager = TaskManager(_store(kind, tmp_path), EventBus())
-    try:
+    with _held(monkeypatch, _store(kind, tmp_path)) as (manager, held):
         task_id = _processing(manager)
         manager.update_task(task_id, progress=10, message="a")
         manager.update_task(task_id, progress=20, message="b")
@@ -96,9 +104,6 @@ async def test_no_change_overtakes_a_queued_report(kind, tmp_path, monkeypatch):
         with pytest.raises(TaskStateError):
             manager.update_task(task_id, progress=30)  # finished: refused in the caller
         assert manager.get_task(task_id).version == 5
-    finally:
-        held.go.set()
-        manager.close()
 
 
 async def test_the_reporter_publishes_without_any_read(monkeypatch):
@@ -138,18 +143,13 @@ def test_with_no_loop_the_reporter_thread_applies_the_reports(kind, tmp_path):
 
 
 async def test_what_was_checked_is_what_is_applied_when_the_caller_reuses_its_dict(monkeypatch):
-    held = _HeldReporter(monkeypatch)
-    manager = TaskManager(MemoryStore(), EventBus())
-    try:
+    with _held(monkeypatch) as (manager, held):
         task_id = _processing(manager)
         detail = {"batch": 1, "of": 10}
         manager.update_task(task_id, progress_detail=detail)
         detail["batch"] = 2
         detail["bad"] = object()  # would not even encode
         assert manager.get_task(task_id).progress_detail == {"batch": 1, "of": 10}
-    finally:
-        held.go.set()
-        manager.close()
 
 
 class _Level(enum.IntEnum):
@@ -226,39 +226,27 @@ async def test_a_report_on_a_task_with_a_cancel_requested_raises_task_cancelled(
 
 
 async def test_a_report_on_a_pending_task_is_applied_before_the_call_returns(monkeypatch):
-    held = _HeldReporter(monkeypatch)
-    manager = TaskManager(MemoryStore(), EventBus())
-    try:
+    with _held(monkeypatch) as (manager, held):
         task = manager.create_task("queued")
         manager.update_task(task.task_id, progress=3, message="waiting")  # pending: the general path
         assert not manager._reports and held.turns == 0
         assert manager.store.get(task.task_id).message == "waiting"
-    finally:
-        held.go.set()
-        manager.close()
 
 
 async def test_a_report_keeps_the_time_it_was_made(monkeypatch):
-    held = _HeldReporter(monkeypatch)
     clock = FakeClock()
-    manager = TaskManager(MemoryStore(), EventBus(), clock=clock)
-    try:
+    with _held(monkeypatch, clock=clock) as (manager, held):
         task_id = _processing(manager)
         clock.advance(5)
         made = clock.now
         manager.update_task(task_id, progress=10)
         clock.advance(30)  # applied later: the change still says when it was made
         assert manager.get_task(task_id).updated_at == made
-    finally:
-        held.go.set()
-        manager.close()
 
 
 async def test_a_job_flooding_reports_applies_them_itself_past_the_bound(monkeypatch):
-    held = _HeldReporter(monkeypatch)
     monkeypatch.setattr(manager_module, "_REPORTS_MAX", 16)
-    manager = TaskManager(MemoryStore(), EventBus())
-    try:
+    with _held(monkeypatch) as (manager, held):
         task_id = _processing(manager)
         most = 0
         for i in range(100):
@@ -266,9 +254,6 @@ async def test_a_job_flooding_reports_applies_them_itself_past_the_bound(monkeyp
             most = max(most, len(manager._reports))
         assert most == 16  # never more queued than the bound: the 17th applied them in the caller
         assert manager.get_task(task_id).version == 2 + 100
-    finally:
-        held.go.set()
-        manager.close()
 
 
 async def test_stopping_applies_what_is_queued_and_later_reports_still_apply(monkeypatch):
