@@ -48,8 +48,8 @@ def yield_on_wake() -> None:
     only drops that preemption on wake-up: the thread runs when the caller waits or yields the GIL."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or not allowed: plain scheduling
-        pass
+    except (AttributeError, OSError):  # not Linux, or not allowed
+        logger.debug("SCHED_BATCH is not available here: the thread keeps plain scheduling")
 
 BATCH_WINDOW_S = 0.02  # events closer together than this: each flush waits one more poll, batching
 
