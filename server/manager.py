@@ -297,8 +297,7 @@ class TaskManager:
     @property
     def store(self) -> TaskStore:
         """The store, holding every change accepted so far (queued progress reports are applied first)."""
-        if self._reports:
-            self._settle()
+        self._settle()
         return self._store
 
     @property
@@ -354,13 +353,11 @@ class TaskManager:
     # Every read first applies the progress reports accepted before it (see ``update_task``): what a job
     # has reported is what anyone reads next, from any thread.
     def get_task(self, task_id: str) -> Task | None:
-        if self._reports:  # read after every accepted change
-            self._settle()
+        self._settle()
         return self._store.get(task_id)
 
     async def aget_task(self, task_id: str) -> Task | None:
-        if self._reports:  # read after every accepted change
-            self._settle()
+        self._settle()
         return await self._store.aget(task_id)
 
     async def aexists(self, task_id: str) -> bool:
@@ -399,18 +396,15 @@ class TaskManager:
             statuses=frozenset({parse_status(status)}) if status is not None else None,
             limit=parse_limit(limit) if limit is not None else None,
         )
-        if self._reports:  # read after every accepted change
-            self._settle()
+        self._settle()
         return self._store.list(query).tasks
 
     def list_page(self, query: TaskQuery) -> Page:
-        if self._reports:  # read after every accepted change
-            self._settle()
+        self._settle()
         return self._store.list(query)
 
     async def alist(self, query: TaskQuery) -> Page:
-        if self._reports:  # read after every accepted change
-            self._settle()
+        self._settle()
         return await self._store.alist(query)
 
     def count_by_status(self, query: TaskQuery | None = None) -> dict[TaskStatus, int]:
@@ -421,8 +415,7 @@ class TaskManager:
         return await self._store.acounts(replace(query, statuses=None) if query else TaskQuery())
 
     async def aevents(self, task_id: str, after: int, limit: int) -> list[tuple[int, str]]:
-        if self._reports:  # read after every accepted change
-            self._settle()
+        self._settle()
         return await self._store.aevents(task_id, after, limit)
 
     # -- computing a change (pure) ----------------------------------------------------------------
@@ -646,10 +639,11 @@ class TaskManager:
             self._settle()
 
     def _settle(self) -> None:
-        """Apply the queued reports now."""
-        with self._lock:
-            if self._reports:
-                self._apply_reports(self._reports)
+        """Apply the queued reports now (a read does, first: it sees every accepted change)."""
+        if self._reports:
+            with self._lock:
+                if self._reports:
+                    self._apply_reports(self._reports)
 
     def _apply_reports(self, reports: deque[Any]) -> None:
         """Under the lock: every queued report, in order."""
@@ -1126,8 +1120,7 @@ class TaskManager:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                if self._reports:
-                    self._settle()
+                self._settle()
                 live = await self._store.alive()  # type: ignore[attr-defined]
                 self.mark_stale(live)
                 await sweep()
@@ -1143,8 +1136,7 @@ class TaskManager:
         bus = self.bus
         subscriber = bus.subscribe(task_id)
         try:
-            if self._reports:  # read after every accepted change
-                self._settle()
+            self._settle()
             task = await self._store.aget(task_id)
             if task is None:
                 raise TaskNotFoundError(task_id)
@@ -1184,8 +1176,7 @@ class TaskManager:
         bus = self.bus
         subscriber = bus.subscribe(None)
         try:
-            if self._reports:  # read after every accepted change
-                self._settle()
+            self._settle()
             first = query if query.limit is not None else replace(query, limit=self.snapshot_page)
             async with self._opening_reads:
                 page = await self._store.alist(first)
