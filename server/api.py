@@ -128,14 +128,15 @@ async def serve_patch(app: Any, scope: Scope, receive: Receive, send: Send, task
     status = 200
     extra: list[tuple[bytes, bytes]] = []
     headers = first_headers(scope["headers"])
+    values = app.state_values
     try:
-        settings = app.state.settings
+        settings = values["settings"]
         refusal = request_refusal(scope, headers, app.cors_origins)
         if refusal is not None:
             await refusal(scope, receive, _with_security_headers(send))
             return
         require_write(settings, headers)
-        manager: TaskManager = app.state.manager
+        manager: TaskManager = values["manager"]
         if not is_task_id(task_id) or not await manager.aexists(task_id):
             raise TaskNotFoundError(task_id)
         bus = manager.bus
@@ -169,7 +170,7 @@ async def serve_patch(app: Any, scope: Scope, receive: Receive, send: Send, task
     await send({"type": "http.response.start", "status": status,
                 "headers": [*_JSON_HEAD, (b"content-length", b"%d" % len(payload)), *extra, *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": payload})
-    app.state.manager.bus.flush_urgent()  # the change's first deliveries, right after its answer
+    values["manager"].bus.flush_urgent()  # the change's first deliveries, right after its answer
 
 
 _JSON_HEAD = ((b"content-type", b"application/json"),)

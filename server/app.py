@@ -90,10 +90,13 @@ class TaskmonApp(Starlette):
         self._stopped = False  # the lifespan has ended
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        # app.state's own dict (settings, manager...): what the per-request paths read, without
+        # State.__getattr__'s failed attribute lookup first (it was five of them on every PATCH)
+        self.state_values: dict[str, Any] = self.state._state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = host_refusal(self.state.settings, scope)  # streams too: DNS rebinding
+            refusal = host_refusal(self.state_values["settings"], scope)  # streams too: DNS rebinding
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
@@ -132,7 +135,7 @@ class TaskmonApp(Starlette):
     @property
     def cors_origins(self) -> frozenset[str]:
         """TASKMON_CORS_ORIGINS as a set, kept while the settings stay the same object."""
-        settings = self.state.settings
+        settings = self.state_values["settings"]
         if self._cors_for is not settings:
             self._cors, self._cors_for = frozenset(settings.cors_origins), settings
         return self._cors

@@ -73,8 +73,22 @@ _ISO_CACHE: dict[datetime, str] = {}
 _ISO_CACHE_SIZE = 4096
 
 
+_SECONDS: dict[tuple[int, ...], str] = {}  # (y, m, d, H, M, S) -> "YYYY-MM-DDTHH:MM:SS", bounded as _ISO_CACHE
+
+
 def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds")
+    """``moment.isoformat(timespec="microseconds")``; for UTC (every moment a task gets) the text up
+    to the second is looked up and the microseconds appended: isoformat's formatting was the most
+    expensive step of encoding a changed snapshot (tests/test_models.py checks the two agree)."""
+    if moment.tzinfo is not UTC:
+        return moment.isoformat(timespec="microseconds")
+    key = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    text = _SECONDS.get(key)
+    if text is None:
+        if len(_SECONDS) >= _ISO_CACHE_SIZE:
+            _SECONDS.clear()
+        text = _SECONDS[key] = moment.isoformat(timespec="seconds")[:-6]  # without "+00:00"
+    return f"{text}.{moment.microsecond:06d}+00:00"
 
 
 def _iso_kept(moment: datetime) -> str:
@@ -170,7 +184,7 @@ class Task:
         return "".join((
             '{"task_id":', encode_str(self.task_id),
             ',"task_type":', encode_str(self.task_type),
-            ',"status":"', self.status.value,
+            ',"status":"', self.status._value_,  # (the attribute: Enum's value property is a Python call)
             '","created_at":"', _iso_kept(self.created_at),
             '","updated_at":"', _iso(self.updated_at),
             '","progress":', encode_json(self.progress),

@@ -7,13 +7,15 @@ import re
 import threading
 import uuid
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.bus import EventBus
-from server.manager import INTERRUPTED, TaskManager
+from server.manager import INTERRUPTED, TaskManager, _replace, _ts
 from server.models import Task, TaskNotFoundError, TaskStateError, TaskStatus, utcnow
 from server.stores.memory import MemoryStore
 
@@ -614,3 +616,22 @@ async def test_nesting_is_capped_so_every_stored_snapshot_stays_servable(manager
         manager.patch_task(task.task_id, {field: {"list": [[_nested(MAX_DEPTH - 2)]]}})
     assert stored(manager, task.task_id) == before
     assert manager.patch_task(task.task_id, {field: _nested(MAX_DEPTH)}).version == 3
+
+
+@settings(max_examples=1000, deadline=None)
+@given(moment=st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2100, 1, 1),
+                           timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])))
+def test_ts_is_the_timestamp_rounded_to_the_microsecond(moment):
+    # (up to 2106: past 2**32 s a double's timestamp() no longer holds every microsecond, and _ts
+    # is then the closer of the two)
+    assert _ts(moment) == round(moment.timestamp(), 6)
+
+
+def test_replace_is_dataclasses_replace():
+    task = Task(task_id=str(uuid.uuid4()), task_type="t", status=TaskStatus.PENDING, created_at=utcnow(), updated_at=utcnow())
+    moved = _replace(task, {"progress": 7, "message": "m"}, version=2, status=TaskStatus.PROCESSING)
+    assert moved == replace(task, progress=7, message="m", version=2, status=TaskStatus.PROCESSING)
+    assert (moved.owner, moved.samples, moved.cancel_at) == (task.owner, task.samples, task.cancel_at)
+    assert type(moved) is Task and task.progress == 0  # a new snapshot; the old one is unchanged
+    with pytest.raises(TypeError):
+        _replace(task, {"no_such_field": 1})

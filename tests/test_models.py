@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import MIROFISH_KEYS, TASK_KEYS
-from server.models import TRANSITIONS, Task, TaskStatus, is_task_id
+from server.models import TRANSITIONS, Task, TaskStatus, _iso, is_task_id
 from server.wire import encode_json
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\+00:00$")
@@ -70,6 +70,15 @@ def test_timestamps_always_carry_microseconds_and_utc_offset():
     data = make_task(created_at=whole, updated_at=whole).to_dict()
     assert data["created_at"] == "2026-01-02T03:04:05.000000+00:00"
     assert ISO_UTC.match(data["updated_at"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(moment=st.datetimes(timezones=st.sampled_from([UTC, timezone.utc, timezone(timedelta(0)), timezone(timedelta(hours=-3))])))
+def test_iso_is_isoformat_with_microseconds(moment):
+    # _iso looks the text up to the second up for UTC moments: it must agree with isoformat everywhere
+    # (years below 1000, whole seconds, zones that are UTC by offset only)
+    assert _iso(moment) == moment.isoformat(timespec="microseconds")
+    assert _iso(moment) == moment.isoformat(timespec="microseconds")  # the second call reads the cache
 
 
 def test_from_dict_round_trips_the_wire_form():
