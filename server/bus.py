@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 def yield_on_wake() -> None:
-    """For a thread that only hands work on (a waker): waking it does not switch to it at once.
+    """For a thread woken by the loop or a job to take work on (the bus's waker, the reporter, the
+    sqlite writer): waking it does not switch to it at once.
 
     Without this, Linux runs a woken thread ahead of the one that woke it, and on the same core it
     is the caller who waits: for the switch there and back, while the woken thread, needing the GIL

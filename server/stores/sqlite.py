@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..bus import yield_on_wake
 from ..models import Task, TaskStatus
 from ..query import DEFAULT_PAGE, Page, TaskQuery, search_text, sort_key
 from . import Ack, Conflict, LocalStore
@@ -616,6 +617,10 @@ class SqliteStore(LocalStore):
         db.execute("COMMIT")
 
     def _write_loop(self) -> None:
+        # Woken by each change while the loop holds the GIL: without this the writer would be switched
+        # to at once, find the GIL taken and switch back. It runs when the loop next waits instead,
+        # with what arrived meanwhile in the same group (bench: ~10 changes a group -> ~15, PATCH/s +10 %).
+        yield_on_wake()
         db = self._db
         while True:
             with self._lock:
