@@ -302,34 +302,36 @@ def run(wanted: set[str], pins, logdir: Path, runs: int, quick: bool) -> dict:
     ctx = Context(pins, logdir, quick)
     raw: dict = {}
     problems: list[str] = []
+    points = plan(wanted, ctx.s)
     try:
-        for scenario, label, args in plan(wanted, ctx.s):
-            key = f"{scenario}: {label}"
-            if any(key.startswith(sk) for sk in ctx.skipped):
-                continue
-            results = []
+        # A scenario's points take turns, run by run (taskmon, the naive app, the raw app, then again):
+        # the machine drifts over a minute (other tenants), and each side of a ratio then meets it alike.
+        for scenario in dict.fromkeys(point[0] for point in points):
+            mine = [(label, args) for kind, label, args in points if kind == scenario]
             for i in range(runs):
-                t0 = time.monotonic()
-                try:
-                    r = RUNNERS[scenario](ctx, *args)
-                except Skip as exc:
-                    ctx.notes.append(str(exc))
-                    log(f"SKIPPED {key}: {exc}")
-                    # one note per store: the other sizes / runs of a refused store are skipped too
-                    ctx.skipped.add(f"{scenario}: {label.split()[0]}" if scenario == "listing" else key)
-                    break
-                except (BenchError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                    # a server answering the set-up calls wrongly (RuntimeError from make_tasks), a
-                    # refused connection, a generator that hangs: a broken point, reported, not a crash
-                    problems.append(f"{key}: {type(exc).__name__}: {exc}")
-                    log(f"FAILED {key}: {exc}")
-                    continue
-                if r.get("errors"):
-                    problems.append(f"{key}: errors {r['errors'][:3]}")
-                results.append(r)
-                log(f"{key} run {i + 1}/{runs}: {summary(scenario, r)} ({time.monotonic() - t0:.1f} s)")
-            if results:
-                raw[key] = results
+                for label, args in mine:
+                    key = f"{scenario}: {label}"
+                    if any(key.startswith(sk) for sk in ctx.skipped):
+                        continue
+                    t0 = time.monotonic()
+                    try:
+                        r = RUNNERS[scenario](ctx, *args)
+                    except Skip as exc:
+                        ctx.notes.append(str(exc))
+                        log(f"SKIPPED {key}: {exc}")
+                        # one note per store: the other sizes / runs of a refused store are skipped too
+                        ctx.skipped.add(f"{scenario}: {label.split()[0]}" if scenario == "listing" else key)
+                        continue
+                    except (BenchError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                        # a server answering the set-up calls wrongly (RuntimeError from make_tasks), a
+                        # refused connection, a generator that hangs: a broken point, reported, not a crash
+                        problems.append(f"{key}: {type(exc).__name__}: {exc}")
+                        log(f"FAILED {key}: {exc}")
+                        continue
+                    if r.get("errors"):
+                        problems.append(f"{key}: errors {r['errors'][:3]}")
+                    raw.setdefault(key, []).append(r)
+                    log(f"{key} run {i + 1}/{runs}: {summary(scenario, r)} ({time.monotonic() - t0:.1f} s)")
     finally:
         ctx.close()
     med = {key: medians(key.split(":")[0], rs) for key, rs in raw.items()}

@@ -15,7 +15,9 @@ Each server is started the way the README starts it (taskmon: ``python -m server
 127.0.0.1 --port PORT --store memory://``; the baseline: ``python -m bench.baseline_naive``), in a
 fresh process for every run of every scenario, pinned with ``taskset -c 0``; the load generator
 (``bench/loadgen.py``) runs pinned to core 1 (no pinning when taskset or a second core is missing;
-the JSON says which). RLIMIT_NOFILE is raised to the hard limit here and inherited by both.
+the JSON says which). RLIMIT_NOFILE is raised to the hard limit here and inherited by both. The
+servers take turns run by run (taskmon run 1, baseline run 1, taskmon run 2...), so that the
+machine's drift over a minute falls on both sides of a ratio alike.
 Server CPU is utime+stime from /proc/<pid>/stat and RSS is VmRSS from /proc/<pid>/status, both read
 by the load generator at the edges of each measurement window.
 
@@ -602,9 +604,11 @@ def main(argv=None) -> int:
     problems: list[str] = []
     t_start = time.monotonic()
     for key, scenario, params in points:
-        for server in servers:
-            results = []
-            for i in range(runs):
+        # taskmon and the baseline take turns, run by run: the machine drifts over a minute (other
+        # tenants), and both sides of each ratio then meet it alike
+        results: dict[str, list] = {server: [] for server in servers}
+        for i in range(runs):
+            for server in servers:
                 t0 = time.monotonic()
                 prof = (logdir / f"profile-{server}-{key}-run{i + 1}.raw") if a.profile and scenario == "saturation" else None
                 try:
@@ -615,17 +619,19 @@ def main(argv=None) -> int:
                     continue
                 bad = check(f"{server} {key}", r)
                 problems += bad
-                results.append(r)
+                results[server].append(r)
                 summary = ", ".join(f"{m}={fmt(r.get(m))}" for m in METRICS[scenario][:4])
                 if (r.get("other_cpu_pct") or 0) > 10:
                     summary += f", NOISE: other processes used {r['other_cpu_pct']:.0f} % of a core"
                 log(f"{server:8} {key:18} run {i + 1}/{runs}: {summary} ({time.monotonic() - t0:.1f} s)"
                     + (f" PROBLEM {bad}" if bad else ""))
-            raw[server][key] = results
-            if results:
-                med[server][key] = {m: median([r.get(m) for r in results]) for m in METRICS[scenario]}
-                med[server][key]["ready"] = min(r.get("ready", 0) or 0 for r in results) \
-                    if "ready" in results[0] else None
+        for server in servers:
+            mine = results[server]
+            raw[server][key] = mine
+            if mine:
+                med[server][key] = {m: median([r.get(m) for r in mine]) for m in METRICS[scenario]}
+                med[server][key]["ready"] = min(r.get("ready", 0) or 0 for r in mine) \
+                    if "ready" in mine[0] else None
     suite = None
     wanted = suite_wanted(a)
     if wanted:
