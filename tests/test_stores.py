@@ -912,3 +912,40 @@ async def test_redis_saturated_holds_stop_with_the_app(redis_url, monkeypatch):
         manager.stop_holds()
         assert timer.cancelled()
         assert not manager._held and not manager._hold_timers and manager.holds_timed_out == 0
+
+
+@pytest.mark.anyio
+async def test_sqlite_group_wakes_each_waiter_and_a_cancelled_one_alone():
+    """A group commit's waiters each await a future of their own: cancelling one leaves the others
+    waiting, the writer's resolve (from its thread) wakes the rest, a late waiter returns at once,
+    and a failed group raises in every waiter."""
+    from server.stores.sqlite import _Group
+
+    async def registered(group: _Group, n: int) -> None:
+        with anyio.fail_after(5):
+            while len(group._waiters) < n:
+                await asyncio.sleep(0)
+
+    group = _Group()
+    first, second = asyncio.ensure_future(group.done()), asyncio.ensure_future(group.done())
+    await registered(group, 2)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert not second.done()
+    writer = threading.Thread(target=group.resolve)
+    writer.start()
+    with anyio.fail_after(5):
+        await second
+    writer.join()
+    await group.done()  # resolved already: no wait
+    assert group.durable
+
+    failed = _Group()
+    waiter = asyncio.ensure_future(failed.done())
+    await registered(failed, 1)
+    failed.resolve(RuntimeError("disk full"))
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="disk full"):
+        await waiter
+    with pytest.raises(RuntimeError, match="disk full"):
+        await failed.done()
