@@ -12,8 +12,10 @@ security headers, and the JSON envelope for every error answer.
   * a request body must be JSON (``application/json`` or ``application/*+json``), multipart only
     on the upload endpoint; otherwise 415 (a cross-site form can only send text/plain,
     urlencoded or multipart without a preflight);
-  * every answer carries ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY`` and a
-    Content-Security-Policy (``default-src 'self'``, ``frame-ancestors 'none'``);
+  * every answer carries ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``,
+    ``Referrer-Policy: no-referrer`` and a Content-Security-Policy: the page's own (``default-src
+    'self'``, ``frame-ancestors 'none'``) on the page and its scripts and styles, ``default-src
+    'none'; frame-ancestors 'none'`` on every other answer (JSON, events);
   * an error answer that is not JSON (Starlette's CORS preflight refusal is plain text) is
     rewritten to the ``{"success": false, "error": ...}`` envelope.
 """
@@ -33,6 +35,8 @@ from .settings import Settings
 
 __all__ = [
     "CSP",
+    "API_CSP",
+    "PAGE_HEADERS",
     "SECURITY_HEADERS",
     "SecurityMiddleware",
     "allowed_hosts",
@@ -45,12 +49,25 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", CSP.encode()),
-    (b"referrer-policy", b"no-referrer"),
-]
+# Every answer that is not the page (JSON, events, scripts): nothing may run, load or frame it. Short
+# as well as strict: the server checks every header value byte by byte on each answer, the PATCH
+# that every progress report is included, and the page's policy was most of those bytes.
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def _security_headers(csp: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", csp.encode()),
+        (b"referrer-policy", b"no-referrer"),
+    ]
+
+
+SECURITY_HEADERS = _security_headers(API_CSP)
+PAGE_HEADERS = _security_headers(CSP)  # the page and its files: the page's own policy
+# (a script's policy applies to it when it runs as a worker, as the page's stream-worker.js does)
+_PAGE_MEDIA = frozenset({"text/html", "text/javascript", "application/javascript", "text/css"})
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 _WILDCARD_BINDS = ("", "0.0.0.0", "::", "[::]")
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -206,7 +223,8 @@ class SecurityMiddleware:
             nonlocal held, body
             if message["type"] == "http.response.start":
                 raw = list(message.get("headers", ()))
-                raw.extend(SECURITY_HEADERS)  # appended raw: no response of ours sets these itself
+                # appended raw: no response of ours sets these itself
+                raw.extend(PAGE_HEADERS if _media_type(_content_type(raw)) in _PAGE_MEDIA else SECURITY_HEADERS)
                 message["headers"] = raw
                 if message["status"] >= 400 and not _is_json(_media_type(_content_type(raw))):
                     held = message

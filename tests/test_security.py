@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 
 import anyio
@@ -17,7 +18,7 @@ from test_limits import taskmon_serve
 from server.app import create_app
 from server.auth import mint_task_token, verify_task_token
 from server.logs import RedactTokens, configure_logging
-from server.security import CSP
+from server.security import API_CSP, CSP
 from server.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -107,6 +108,29 @@ async def test_page_sends_csp_nosniff_and_frame_protection(client):
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["x-frame-options"] == "DENY"
     assert (await client.get("/healthz")).headers["x-content-type-options"] == "nosniff"
+
+
+async def test_api_answers_carry_the_strict_policy_and_the_page_files_its_own(client):
+    # JSON answers (the PATCH fast path included): nothing may load, run or frame them
+    created = (await client.post("/api/tasks", json={"task_type": "t"})).json()["data"]
+    answers = [
+        await client.get("/healthz"),
+        await client.get(f"/api/graph/task/{created['task_id']}"),
+        await client.patch(f"/api/tasks/{created['task_id']}", json={"status": "processing"}),
+        await client.get("/api/graph/task/00000000-0000-0000-0000-000000000000"),  # an error too
+    ]
+    for response in answers:
+        assert response.headers["content-security-policy"] == API_CSP, response.request.url
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert API_CSP == "default-src 'none'; frame-ancestors 'none'"
+    page = await client.get("/")
+    assert page.headers["content-security-policy"] == CSP
+    script = re.search(r'src="([^"]+\.js)"', page.text)
+    assert script is not None, "the page loads its script"
+    # the page's files keep the page's policy: a script that runs as a (shared) worker is bound by its own
+    assert (await client.get("/" + script.group(1).lstrip("/"))).headers["content-security-policy"] == CSP
 
 
 # ------------------------------------------------------------------ row 12: JSON everywhere
