@@ -949,3 +949,97 @@ async def test_sqlite_group_wakes_each_waiter_and_a_cancelled_one_alone():
         await waiter
     with pytest.raises(RuntimeError, match="disk full"):
         await failed.done()
+
+
+def _versions(store, task: Task) -> list[int]:
+    return [version for version, _body in store.events(task.task_id, 0, 1000)]
+
+
+def test_sqlite_log_is_a_ring_of_history_slots(tmp_path):
+    """Each task's log holds its newest ``history`` versions, one row per slot (version % history),
+    across many wraps and a reopen."""
+    import sqlite3
+
+    path = tmp_path / "t.db"
+    store = SqliteStore(path, history=4)
+    try:
+        task = put(store, make(1, status=TaskStatus.PROCESSING))
+        other = put(store, make(2, status=TaskStatus.PROCESSING))
+        for _ in range(10):
+            task = bump(store, task, progress=task.version)
+        other = bump(store, other)
+        assert _versions(store, task) == [8, 9, 10, 11]
+        assert _versions(store, other) == [1, 2]
+        assert store.events(task.task_id, 9, 10)[-1] == (11, body_of(task))  # the newest version's own body
+        assert store.events(task.task_id, 8, 2) == store.events(task.task_id, 0, 10)[1:3]  # after, limit
+    finally:
+        store.close()
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT slot, version FROM events WHERE task_id = ? ORDER BY version", (task.task_id,)).fetchall()
+        assert rows == [(v % 4, v) for v in (8, 9, 10, 11)]
+    finally:
+        db.close()
+    store = SqliteStore(path, history=4)
+    try:
+        task = bump(store, task)
+        assert _versions(store, task) == [9, 10, 11, 12]
+    finally:
+        store.close()
+
+
+def test_sqlite_log_keyed_by_version_or_another_history_is_rewritten_once(tmp_path):
+    """A file whose log was written before the ring (keyed by version), or with another ``history``:
+    opened, each task keeps its newest ``history`` versions and later changes go on from there."""
+    import sqlite3
+
+    path = tmp_path / "t.db"
+    store = SqliteStore(path, history=8)
+    try:
+        task = put(store, make(1, status=TaskStatus.PROCESSING))
+        for _ in range(6):
+            task = bump(store, task)  # versions 1..7
+    finally:
+        store.close()
+    db = sqlite3.connect(path)
+    try:  # back to the layout before the ring, with the same rows
+        rows = db.execute("SELECT task_id, version, body FROM events").fetchall()
+        db.executescript(
+            "DROP TABLE events; DROP TABLE store_meta;"
+            " CREATE TABLE events (task_id TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL,"
+            " PRIMARY KEY (task_id, version)) WITHOUT ROWID;"
+        )
+        db.executemany("INSERT INTO events VALUES (?, ?, ?)", rows)
+        db.commit()
+    finally:
+        db.close()
+    store = SqliteStore(path, history=5)
+    try:
+        assert _versions(store, task) == [3, 4, 5, 6, 7]
+        task = bump(store, task)
+        assert _versions(store, task) == [4, 5, 6, 7, 8]
+        bodies = dict(store.events(task.task_id, 0, 10))
+        assert bodies[8] == body_of(task)
+    finally:
+        store.close()
+    store = SqliteStore(path, history=3)  # smaller: the newest three stay
+    try:
+        assert _versions(store, task) == [6, 7, 8]
+        task = bump(store, task)
+        assert _versions(store, task) == [7, 8, 9]
+    finally:
+        store.close()
+    store = SqliteStore(path, history=6)  # larger: the log grows back as changes come
+    try:
+        for _ in range(4):
+            task = bump(store, task)
+        assert _versions(store, task) == [8, 9, 10, 11, 12, 13]
+    finally:
+        store.close()
+    store = SqliteStore(path, history=6)  # the same again: nothing to rewrite
+    try:
+        assert _versions(store, task) == [8, 9, 10, 11, 12, 13]
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="history"):
+        SqliteStore(tmp_path / "other.db", history=0)
