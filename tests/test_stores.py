@@ -1043,3 +1043,24 @@ def test_sqlite_log_keyed_by_version_or_another_history_is_rewritten_once(tmp_pa
         store.close()
     with pytest.raises(ValueError, match="history"):
         SqliteStore(tmp_path / "other.db", history=0)
+
+
+def test_sqlite_one_insert_with_more_versions_of_a_task_than_slots_keeps_the_newest(tmp_path):
+    """A group may carry more changes of one task than it has slots (a small history, a burst):
+    within the one INSERT, each slot ends with its newest version."""
+    import sqlite3
+
+    from server.stores.sqlite import _EVENTS_SQL
+
+    path = tmp_path / "t.db"
+    SqliteStore(path, history=2).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        flat: list = []
+        for version in range(1, 6):
+            flat += ("t", version % 2, version, f"body {version}")
+        db.execute(_EVENTS_SQL[5], flat)
+        assert db.execute("SELECT slot, version, body FROM events ORDER BY slot").fetchall() == [
+            (0, 4, "body 4"), (1, 5, "body 5")]
+    finally:
+        db.close()
