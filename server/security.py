@@ -49,7 +49,7 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-# Every answer that is not the page (JSON, events, scripts): nothing may run, load or frame it. Short
+# Every answer that is not the page or one of its files (JSON, events): nothing may load or frame it. Short
 # as well as strict: the server checks every header value byte by byte on each answer, the PATCH
 # that every progress report is included, and the page's policy was most of those bytes.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -223,10 +223,10 @@ class SecurityMiddleware:
             nonlocal held, body
             if message["type"] == "http.response.start":
                 raw = list(message.get("headers", ()))
-                # appended raw: no response of ours sets these itself
-                raw.extend(PAGE_HEADERS if _media_type(_content_type(raw)) in _PAGE_MEDIA else SECURITY_HEADERS)
+                media = _media_type(_content_type(raw))
+                raw.extend(PAGE_HEADERS if media in _PAGE_MEDIA else SECURITY_HEADERS)  # appended raw: no response of ours sets these
                 message["headers"] = raw
-                if message["status"] >= 400 and not _is_json(_media_type(_content_type(raw))):
+                if message["status"] >= 400 and not _is_json(media):
                     held = message
                     return
                 await send(message)
